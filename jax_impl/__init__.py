@@ -1,0 +1,5 @@
+"""AdamW for JAX with torch.optim.AdamW semantics and torch's CPU rounding."""
+
+from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
+
+__all__ = ["AdamWState", "adamw", "apply_exact", "torch_cpu_vector_width"]

@@ -1,0 +1,394 @@
+"""AdamW for JAX with ``torch.optim.AdamW`` semantics and torch's CPU rounding.
+
+The update is the one of torch's fused CPU kernel (``torch.optim.AdamW(fused=True)``),
+operation by operation, so that on the CPU the jitted update reproduces torch's
+parameters and moments bit for bit.  Three XLA:CPU habits stand in the way and
+are each countered where they occur:
+
+* LLVM contracts ``a * b + c`` into one FMA wherever it may.  torch's kernel
+  has FMAs in some places (the ``lerp`` of the first moment, the second-moment
+  update) and none in others (the weight-decay multiply).  Where a product
+  must stay rounded on its own, a ``-0.0`` is added to it: ``fma(p, d, -0.0)``
+  is the correctly rounded ``p * d`` whether or not LLVM contracts, and the
+  following ``+ update`` can no longer fuse with the multiply.
+* XLA rewrites division by a broadcast scalar into multiplication by its
+  reciprocal.  torch divides, so the divisor is made elementwise by adding
+  the same ``-0.0`` to it.
+* torch's kernel processes each tensor in vectors of 32 bytes and finishes the
+  last ``numel % width`` elements with scalar C++ whose FMA contraction differs
+  (the second moment becomes ``fma(b2, v, (c * g) * g)`` instead of
+  ``fma(c * g, g, b2 * v)``).  Those tail elements get the tail formula here.
+
+The ``-0.0`` is ``-min(|g|, 0)``: exactly ``-0.0`` for every non-NaN gradient
+(infinite ones included) and NaN only where torch's result is NaN too.
+
+All of this is pinned by ``tests/test_jax_parity.py``, which fails if a
+new XLA release contracts or rewrites differently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_impl import bias_correction as bc
+
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+# torch's fused CPU kernel runs 32-byte vectors (measured on AVX2 and AVX512
+# builds of torch 2.13); the remainder of each tensor takes the scalar path.
+TORCH_CPU_VECTOR_BYTES = 32
+
+DECAY_ROUNDINGS = ("torch", "precise")
+
+
+class AdamWState(NamedTuple):
+    """State of :func:`adamw`; every array leaf mirrors a parameter, so it shards like it."""
+
+    count: jax.Array  # shape=(), dtype=jnp.int32: number of updates applied.
+    exp_avg: optax.Updates  # first moment, shapes and dtypes of the params.
+    exp_avg_sq: optax.Updates  # second moment, shapes and dtypes of the params.
+    max_exp_avg_sq: optax.Updates | None  # running max of exp_avg_sq (amsgrad), else None.
+
+
+class _StepScalars(NamedTuple):
+    """Per-step scalars in the kernel's arithmetic dtype (float32, or float64 for float64 params)."""
+
+    decay: jax.Array  # 1 - lr * weight_decay, rounded once as torch does
+    lr_wd: jax.Array  # lr * weight_decay, for decay_rounding="precise"
+    step_size_neg: jax.Array  # -lr / (1 - b1**t)
+    bias_correction2_sqrt: jax.Array  # sqrt(1 - b2**t)
+
+
+def _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
+    # Same tests and wording as torch.optim.Adam, plus the name of our argument.
+    if not callable(learning_rate) and not 0.0 <= learning_rate:
+        raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {b1} (b1 must be in [0, 1))")
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {b2} (b2 must be in [0, 1))")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay must be >= 0)")
+    if decay_rounding not in DECAY_ROUNDINGS:
+        raise ValueError(f"Invalid decay_rounding: {decay_rounding!r} (expected one of {DECAY_ROUNDINGS})")
+
+
+def _opmath_dtype(dtype) -> jnp.dtype:
+    """torch's ``opmath_type``: half types compute in float32."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def torch_cpu_vector_width(dtype) -> int:
+    """Elements per vector in torch's fused CPU kernel for params of ``dtype``."""
+    return TORCH_CPU_VECTOR_BYTES // jnp.dtype(dtype).itemsize
+
+
+def _check_params(params: optax.Params) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"adamw: parameter {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; "
+                "AdamW needs floating-point parameters (float16, bfloat16, float32, float64)"
+            )
+
+
+def _check_grads(grads: optax.Updates, params: optax.Params) -> None:
+    params_def = jax.tree.structure(params)
+    grads_def = jax.tree.structure(grads)
+    if params_def != grads_def:
+        raise ValueError(
+            f"adamw: the gradient tree does not match the parameter tree:\n"
+            f"  params: {params_def}\n  grads:  {grads_def}"
+        )
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(params)):
+        where = jax.tree_util.keystr(path) or "<root>"
+        if jnp.shape(g) != jnp.shape(p):
+            raise ValueError(
+                f"adamw: gradient for parameter {where} has shape {jnp.shape(g)}, "
+                f"the parameter has shape {jnp.shape(p)}"
+            )
+        if jnp.result_type(g) != jnp.result_type(p):
+            raise TypeError(
+                f"adamw: gradient for parameter {where} has dtype {jnp.result_type(g)}, "
+                f"the parameter has dtype {jnp.result_type(p)}"
+            )
+
+
+def _resolve_mask(mask: MaskOrFn, params: optax.Params) -> list[bool]:
+    """One Python bool per parameter leaf: True where weight decay applies."""
+    leaves = jax.tree.leaves(params)
+    if mask is None:
+        return [True] * len(leaves)
+    mask_tree = mask(params) if callable(mask) else mask
+    try:
+        flags = jax.tree.structure(params).flatten_up_to(mask_tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"adamw: mask does not match the parameter tree: {err}") from None
+    resolved = []
+    for flag in flags:
+        if isinstance(flag, jax.core.Tracer):
+            raise TypeError("adamw: mask leaves must be Python bools (they choose code paths), got a traced array")
+        resolved.append(bool(flag))
+    return resolved
+
+
+def _table_lookup(table: np.ndarray, saturated: bool, t: jax.Array, dtype,
+                  beyond: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``table[t - 1]`` rounded to ``dtype``; ``beyond(t)`` past an unsaturated table."""
+    value = jnp.asarray(table, dtype)[jnp.minimum(t, table.shape[0]) - 1]
+    if saturated:
+        return value
+    return jnp.where(t <= table.shape[0], value, beyond(t).astype(dtype))
+
+
+def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _StepScalars:
+    """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``."""
+    bc1_table, bc2_table = bc.bias_correction(b1), bc.bias_correction(b2)
+    bc1_saturated, bc2_saturated = bc.is_saturated(bc1_table), bc.is_saturated(bc2_table)
+    in_graph_bc = lambda beta, t, dt: 1 - jnp.asarray(beta, dt) ** t.astype(dt)  # noqa: E731
+    if callable(learning_rate):
+        # The schedule is traced: its dtype (float32, or float64 under
+        # jax_enable_x64) is the precision of the lr arithmetic.
+        lr = jnp.asarray(learning_rate(count))
+        wide = lr.dtype
+        bias_correction1 = _table_lookup(bc1_table, bc1_saturated, t, wide,
+                                         lambda t: in_graph_bc(b1, t, wide))
+        step_size_neg = (-(lr / bias_correction1)).astype(dtype)
+        decay = (1 - lr * weight_decay).astype(dtype)
+        lr_wd = (lr * weight_decay).astype(dtype)
+    else:
+        step_size_neg = _table_lookup(-(learning_rate / bc1_table), bc1_saturated, t, dtype,
+                                      lambda t: -(learning_rate / in_graph_bc(b1, t, dtype)))
+        decay = jnp.asarray(1.0 - learning_rate * weight_decay, dtype)
+        lr_wd = jnp.asarray(learning_rate * weight_decay, dtype)
+    bias_correction2_sqrt = _table_lookup(np.sqrt(bc2_table), bc2_saturated, t, dtype,
+                                          lambda t: jnp.sqrt(in_graph_bc(b2, t, dtype)))
+    return _StepScalars(decay, lr_wd, step_size_neg, bias_correction2_sqrt)
+
+
+def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _StepScalars, *,
+                  b1, b2, eps, decay, decay_rounding, amsgrad, maximize, tail):
+    """One kernel pass over (part of) a leaf; returns new (param, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    dtype = param.dtype
+    opmath = _opmath_dtype(dtype)
+    p, g, m, v = (x.astype(opmath) for x in (param, grad, exp_avg, exp_avg_sq))
+    if maximize:
+        g = -g
+    # -0.0 that XLA cannot fold away (see the module docstring).
+    neg_zero = -jnp.minimum(jnp.abs(g), 0)
+
+    if decay:
+        if decay_rounding == "torch":
+            p = p * scalars.decay + neg_zero
+        else:
+            # p - (lr*wd)*p: lr*wd is rounded instead of 1 - lr*wd, an error ~1e-5 times smaller.
+            p = p - scalars.lr_wd * p
+
+    # exp_avg.lerp_(grad, 1 - b1), as torch's kernel writes it: one FMA.
+    weight = opmath.type(1 - b1)
+    if abs(weight) < 0.5:
+        m = m + weight * (g - m)
+    else:
+        m = g + (weight - 1) * (g - m)
+
+    coefficient2 = opmath.type(1 - b2)
+    beta2 = opmath.type(b2)
+    # LLVM fuses whichever product it likes into the add; leaving only one bare
+    # product in each sum picks the FMA torch has.
+    if tail:
+        v = beta2 * v + ((coefficient2 * g) * g + neg_zero)  # fma(b2, v, (c*g)*g)
+    else:
+        v = (beta2 * v + neg_zero) + (coefficient2 * g) * g  # fma(c*g, g, b2*v)
+
+    v_for_denom = v
+    new_max = None
+    if amsgrad:
+        old_max = max_exp_avg_sq.astype(opmath)
+        # vec::maximum propagates NaN; the tail's std::max keeps the old value.
+        new_max = jnp.where(old_max < v, v, old_max) if tail else jnp.maximum(old_max, v)
+        v_for_denom = new_max
+    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + opmath.type(eps)
+    p = p + (scalars.step_size_neg * m) / denom
+
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+    return cast(p), cast(m), cast(v), cast(new_max)
+
+
+def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, **options):
+    """The fused kernel over one whole leaf: vector formula, then the scalar tail."""
+    size = param.size
+    if size == 0:
+        return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+    shape = param.shape
+    flat = [None if x is None else x.reshape(-1) for x in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
+    tail_size = size % torch_cpu_vector_width(param.dtype)
+    head_size = size - tail_size
+    if head_size == size:
+        out = _leaf_formula(*flat, scalars, tail=False, **options)
+    elif head_size == 0:
+        out = _leaf_formula(*flat, scalars, tail=True, **options)
+    else:
+        # Disjoint slices joined again: computing the vector formula over the
+        # whole leaf and overwriting the tail lets XLA share the product
+        # (c*g)*g between both formulas, and LLVM then fuses neither.
+        head_out = _leaf_formula(*[None if x is None else x[:head_size] for x in flat], scalars,
+                                 tail=False, **options)
+        tail_out = _leaf_formula(*[None if x is None else x[head_size:] for x in flat], scalars,
+                                 tail=True, **options)
+        out = tuple(None if h is None else jnp.concatenate([h, t]) for h, t in zip(head_out, tail_out))
+    return tuple(None if o is None else o.reshape(shape) for o in out)
+
+
+def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
+                amsgrad, maximize, mask, decay_rounding):
+    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
+    if params is None:
+        raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
+    _check_grads(grads, params)
+    decay_flags = _resolve_mask(mask, params)
+    count = state.count
+    t = optax.safe_increment(count)
+    param_leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = treedef.flatten_up_to(grads)
+    exp_avg_leaves = treedef.flatten_up_to(state.exp_avg)
+    exp_avg_sq_leaves = treedef.flatten_up_to(state.exp_avg_sq)
+    max_leaves = treedef.flatten_up_to(state.max_exp_avg_sq) if amsgrad else [None] * len(param_leaves)
+
+    scalars_by_dtype: dict = {}
+    results = []
+    for p, g, m, v, vmax, decay_on in zip(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves,
+                                          max_leaves, decay_flags):
+        opmath = _opmath_dtype(p.dtype)
+        if opmath not in scalars_by_dtype:
+            scalars_by_dtype[opmath] = _step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+        results.append(_leaf_step(
+            p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps,
+            decay=decay_on and weight_decay != 0, decay_rounding=decay_rounding,
+            amsgrad=amsgrad, maximize=maximize))
+
+    new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
+    new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
+                           max_exp_avg_sq=new_max if amsgrad else None)
+    return new_params, new_state
+
+
+def _update_dtype(dtype) -> jnp.dtype:
+    # Half-precision params get float32 updates: p + (p_new - p) is then exact in
+    # float32, so optax.apply_updates lands on p_new bit for bit.
+    return _opmath_dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    *,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    mask: MaskOrFn = None,
+    decay_rounding: str = "torch",
+) -> optax.GradientTransformation:
+    r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
+
+    Defaults are torch's (``weight_decay=1e-2``; optax's ``adamw`` uses 1e-4).
+    With :math:`g_t` the gradient (negated when ``maximize``), :math:`\gamma_t`
+    the learning rate and :math:`\lambda` the weight decay, step :math:`t` is
+
+    .. math::
+
+      \begin{aligned}
+        \theta' &\leftarrow \theta_{t-1} (1 - \gamma_t \lambda) \\
+        m_t &\leftarrow m_{t-1} + (1 - \beta_1)(g_t - m_{t-1}) \\
+        v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \text{ with amsgrad, else } v_t \\
+        \theta_t &\leftarrow \theta' - \frac{\gamma_t}{1 - \beta_1^t}\,
+                   \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+      \end{aligned}
+
+    evaluated with the rounding of torch's fused CPU kernel, so that on the CPU
+    it equals ``torch.optim.AdamW(fused=True)`` bit for bit (see the module
+    docstring).  A schedule is called with the update count before this update
+    (0, 1, ...), which is the lr torch uses when an ``lr_scheduler`` is stepped
+    after each ``optimizer.step()``.
+
+    Args:
+      learning_rate: a float, or a schedule mapping the update count to the lr.
+      b1, b2: the exponential decay rates of the moments (torch's ``betas``).
+      eps: added to the denominator, after the bias correction (as in torch).
+      weight_decay: decoupled weight decay :math:`\lambda`.
+      amsgrad: use the running maximum of :math:`v_t` (Reddi et al., 2018).
+      maximize: maximize the objective (the gradient is negated).
+      mask: a pytree of bools like the params, or a callable returning one;
+        weight decay applies where True (as in ``optax.adamw``), like a torch
+        param group with ``weight_decay=0`` where False.
+      decay_rounding: ``"torch"`` multiplies by ``1 - lr*wd`` rounded to float32,
+        as torch does (pytorch/pytorch#64475: at lr=1e-3, wd=1e-2 that factor
+        is off by -1.36e-8, a bias toward zero); ``"precise"`` computes
+        ``p - (lr*wd)*p`` instead, whose rounding error is ~1e5 times smaller.
+
+    Returns:
+      An ``optax.GradientTransformation``.  ``optax.apply_updates`` recovers
+      torch's parameters exactly wherever ``p_new - p`` is exact in the param
+      dtype (always for bfloat16/float16 params, whose updates are float32; for
+      float32 whenever ``p_new`` and ``p`` are within a factor 2, i.e. not for
+      a parameter that crosses or nears zero).  :func:`apply_exact` returns the
+      new params themselves and is exact everywhere.
+
+    References:
+      Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, 2019.
+      Kingma & Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, 2015.
+    """
+    _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
+    if not callable(learning_rate) and math.isnan(learning_rate):
+        raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
+    options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
+                   weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+                   mask=mask, decay_rounding=decay_rounding)
+
+    def init_fn(params: optax.Params) -> AdamWState:
+        _check_params(params)
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        return AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(), exp_avg_sq=zeros(),
+                          max_exp_avg_sq=zeros() if amsgrad else None)
+
+    def step_fn(grads, state, params):
+        return _adamw_step(grads, state, params, **options)
+
+    def update_fn(updates, state, params=None):
+        new_params, new_state = step_fn(updates, state, params)
+        deltas = jax.tree.map(
+            lambda new, old: new.astype(_update_dtype(old.dtype)) - old.astype(_update_dtype(old.dtype)),
+            new_params, params)
+        return deltas, new_state
+
+    update_fn.exact_step = step_fn
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: AdamWState,
+                params: optax.Params) -> tuple[optax.Params, AdamWState]:
+    """One step of a :func:`adamw` transformation returning the new params themselves.
+
+    Unlike ``optax.apply_updates(params, updates)``, which adds the update back
+    and can lose low bits where a parameter crosses zero, this is torch's
+    result bit for bit everywhere.  Jittable; donate ``params`` and ``state``.
+    """
+    step = getattr(tx.update, "exact_step", None)
+    if step is None:
+        raise TypeError("apply_exact: tx must be a transformation made by jax_impl.adamw")
+    return step(grads, state, params)
