@@ -27,6 +27,12 @@ def _scalar(value: float | Tensor) -> float:
     return value.item() if isinstance(value, Tensor) else value
 
 
+def _as_hyperparameter(value: float | Tensor) -> float | Tensor:
+    """A 1-element tensor becomes 0-d and stays a tensor, as torch's ``_to_scalar``:
+    the arithmetic on a tensor lr is then float32 tensor arithmetic, as in torch."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
+
+
 class AdamW(Optimizer):
     r"""AdamW (Loshchilov & Hutter, 2019) with ``torch.optim.AdamW``'s semantics.
 
@@ -169,7 +175,7 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
 
 def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                          lr, beta1, beta2, eps, weight_decay, amsgrad, maximize):
-    lr = _scalar(lr)
+    lr = _as_hyperparameter(lr)
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
         exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], state_steps[i]
@@ -193,7 +199,8 @@ def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
 
 def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                         lr, beta1, beta2, eps, weight_decay, amsgrad, maximize):
-    lr = _scalar(lr)
+    if isinstance(lr, Tensor):
+        raise RuntimeError("lr as a Tensor is not supported with foreach=True (as in torch.optim.AdamW)")
     groups = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps])
     for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs,
