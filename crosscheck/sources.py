@@ -102,3 +102,34 @@ class CosineSchedule:
     def __call__(self, t: int) -> float:
         t = min(t, self.num_steps)
         return self.eta_min + (self.lr - self.eta_min) * (1 + math.cos(math.pi * t / self.num_steps)) / 2
+
+
+def model_gradients(seed: int = 0):
+    """A small PyTorch CNN and its loss gradients on seeded data batches.
+
+    Returns (names, initial params, gradient source): the source sets the
+    model's weights to the params it is given (the baseline's current ones)
+    and returns d loss / d params on batch ``t``, computed by PyTorch.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    names = [n.replace(".", "/") for n, _ in model.named_parameters()]
+    params = [p.detach().double().numpy().copy() for p in model.parameters()]
+
+    def grads(t: int, current: Sequence[np.ndarray]) -> list[np.ndarray]:
+        gen = torch.Generator().manual_seed(seed * 100003 + t)
+        x = torch.randn(32, 3, 16, 16, generator=gen)
+        y = torch.randint(0, 10, (32,), generator=gen)
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), current):
+                p.copy_(torch.from_numpy(np.asarray(value, np.float32)))
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return [p.grad.double().numpy().copy() for p in model.parameters()]
+
+    return names, params, grads

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import jax
 import numpy as np
 
 from crosscheck import implementations, sources
@@ -28,12 +29,12 @@ BITWISE_PAIRS = {
     ("torch_impl(for-loop)", "torch.AdamW(for-loop)"),
 }
 
-# Every implementation's parameter error against the float64 reference may
-# exceed the baseline's own error by at most this factor (plus one ulp of the
-# parameter at the reference).  Measured on the default suite: the for-loop and
-# foreach paths reach 1.0-1.6x fused's error, optax.adamw 1.0-2.0x; 4x leaves
-# room for other seeds without hiding a real fault (a one-step-late schedule or
-# a wrong bias correction gives 10x-1000x).
+# Our implementations' largest parameter error against the float64 reference
+# may exceed that of the torch path they copy (the baseline for jax_impl) by at
+# most this factor, or one ulp at magnitude 1.  Measured on the default suite:
+# the torch paths among themselves stay within 1.0-1.3x of each other in
+# float32; 4x leaves room for other seeds without hiding a real fault (a
+# one-step-late schedule or a wrong bias correction gives 10x-1000x).
 REFERENCE_FACTOR = 4.0
 
 
@@ -162,6 +163,9 @@ def run(
             progress.update(1)
 
     result = TrajectoryResult(case, _hyper_dict(hyper), steps, mode, baseline, series, ref_series)
+    # Without x64 a JAX schedule yields a float32 lr, so -lr/bc1 rounds twice: a bounded
+    # 1-ulp gap (tests/test_jax_parity.py measures it), not a bitwise pair.
+    result.float32_schedule = hyper.schedule is not None and not jax.config.jax_enable_x64
     result.summary = summarize(result)
     return result
 
@@ -209,33 +213,41 @@ def _hyper_dict(hyper) -> dict:
 
 
 def summarize(result: TrajectoryResult) -> dict[str, dict]:
-    """One row per implementation: bitwise or max ulps, drift type, reference ratio, pass."""
-    base_ref = np.asarray(result.vs_reference[result.baseline].max_abs)
+    """One row per pair: bitwise or max ulps, drift type, error against float64 relative to the yardstick, pass."""
+    twins = {name: twin for name, twin in BITWISE_PAIRS if twin in result.vs_reference}
     summary = {}
     for (name, against), s in result.vs_baseline.items():
         bitwise = s.first_mismatch is None
-        ref_err = np.asarray(result.vs_reference[name].max_abs)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = float(np.nanmax(ref_err / np.maximum(base_ref, np.finfo(np.float64).tiny)))
-        # An absolute floor of one ulp at magnitude 1, so that a baseline error near 0 does not make 0/0.
-        within_reference = bool(np.all(ref_err <= np.maximum(REFERENCE_FACTOR * base_ref, _ulp_floor(result))))
-        required = (name, against) in BITWISE_PAIRS
+        # An implementation is held to the float64 error of the torch path it copies, else of the baseline.
+        yardstick = twins.get(name, result.baseline)
+        ref_err = max(result.vs_reference[name].max_abs)
+        yard_err = max(result.vs_reference[yardstick].max_abs)
+        within_reference = ref_err <= max(REFERENCE_FACTOR * yard_err, _ulp_floor(result))
+        required = (name, against) in BITWISE_PAIRS and not (
+            name.startswith("jax_impl") and getattr(result, "float32_schedule", False))
+        why = []
+        if required and not bitwise:
+            why.append("bitwise parity required")
+        if not within_reference and _ours(name):
+            why.append(f"error vs float64 reference {ref_err:.3g} > {REFERENCE_FACTOR}x {yardstick}'s {yard_err:.3g}")
         summary[f"{name} vs {against}"] = {
             "implementation": name,
             "against": against,
             "bitwise": bitwise,
             "bitwise_required": required,
             "max_ulps": {q: float(max(s.max_ulps[q])) for q in QUANTITIES},
+            "max_abs": {q: float(max(s.max_abs[q])) for q in QUANTITIES},
             "max_rel": {q: float(max(s.max_rel[q])) for q in QUANTITIES},
             "min_bitwise_fraction": {q: float(min(s.bitwise_fraction[q])) for q in QUANTITIES},
             "drift": classify_drift(s.max_abs["param"]),
-            "reference_error_ratio": ratio if math.isfinite(ratio) else None,
+            "reference_error": ref_err,
+            "reference_yardstick": yardstick,
+            "reference_error_ratio": ref_err / yard_err if yard_err > 0 else None,
             "first_mismatch": s.first_mismatch,
             "worst_leaf": s.worst_leaf,
             # Peers (torch.optim, optax) are measured, not judged: their differences are findings.
-            "pass": (bitwise if required else True) and (within_reference or not _ours(name)),
-            "why": ("" if (bitwise or not required) else "bitwise parity required")
-                   + ("" if within_reference else f"error vs float64 reference > {REFERENCE_FACTOR}x the baseline's"),
+            "pass": not why,
+            "why": "; ".join(why),
         }
     return summary
 
