@@ -87,3 +87,38 @@ def test_schedule_float32_gap_is_bounded():
             worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y))))
     assert worst <= 4 * 2.0**-23, worst
     assert math.isfinite(worst)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", OPTIONS)
+def test_float32_bitwise_10000_steps(option):
+    mismatches = run_pair("jax_impl", "torch.AdamW(fused)", Hyper(**OPTIONS[option]), 10_000, check_every=2500)
+    assert not mismatches, mismatches[0]
+
+
+def test_nan_and_inf_gradients_propagate_like_torch():
+    """Non-finite gradients give torch's result elementwise, in params and both moments."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    import jax_impl
+    from crosscheck.metrics import bits
+
+    grads = np.array([1.0, np.nan, np.inf, -np.inf, 0.0, 3e38, -2.0, 1e-30, np.nan], np.float32)
+    for amsgrad in (False, True):
+        param = torch.ones(9, requires_grad=True)
+        opt = torch.optim.AdamW([param], amsgrad=amsgrad, fused=True)
+        tx = jax_impl.adamw(amsgrad=amsgrad)
+        params = [jnp.ones(9)]
+        state = tx.init(params)
+        step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+        for _ in range(3):
+            param.grad = torch.from_numpy(grads.copy())
+            opt.step()
+            params, state = step([jnp.asarray(grads)], state, params)
+        torch_state = opt.state[param]
+        for ours, theirs in ((params[0], param.detach()), (state.exp_avg[0], torch_state["exp_avg"]),
+                             (state.exp_avg_sq[0], torch_state["exp_avg_sq"])):
+            np.testing.assert_array_equal(bits(np.asarray(ours)), bits(theirs.numpy()))
