@@ -28,7 +28,6 @@ new XLA release contracts or rewrites differently.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,7 +67,8 @@ class _StepScalars(NamedTuple):
 
 
 def _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
-    # Same tests and wording as torch.optim.Adam, plus the name of our argument.
+    # Same tests and wording as torch.optim.Adam, plus the name of our argument;
+    # `not 0.0 <= x` also rejects NaN.
     if not callable(learning_rate) and not 0.0 <= learning_rate:
         raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
     if not 0.0 <= eps:
@@ -354,8 +354,6 @@ def adamw(
       <https://arxiv.org/abs/1412.6980>`_, 2015.
     """
     _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
-    if not callable(learning_rate) and math.isnan(learning_rate):
-        raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
     options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
                    weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding)

@@ -11,6 +11,19 @@ from crosscheck.metrics import distance
 # vector, vectors plus a scalar tail, exact multiples, conv-like 4-d.
 SHAPES = [(), (0,), (1,), (7,), (9,), (16,), (33,), (4, 3, 3, 3), (3, 5, 7)]
 
+# One table of optimizer options for every parity test (a new option is one line).
+OPTIONS = {
+    "default": {},
+    "amsgrad": {"amsgrad": True},
+    "maximize": {"maximize": True},
+    "weight_decay=0": {"weight_decay": 0.0},
+    "weight_decay=0.1": {"weight_decay": 0.1},
+    "large lr and eps": {"lr": 0.1, "eps": 1e-3},
+    "b1 >= 0.5 lerp branch": {"b1": 0.3, "b2": 0.6},
+    "mask": {"decay_mask": (True, False) * 4 + (True,)},
+    "amsgrad+maximize+mask": {"amsgrad": True, "maximize": True, "decay_mask": (False, True) * 4 + (False,)},
+}
+
 
 def initial_params(shapes=SHAPES, seed=0):
     rng = np.random.default_rng(seed)

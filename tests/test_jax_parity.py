@@ -10,21 +10,10 @@ import pytest
 
 from crosscheck import sources
 from crosscheck.implementations import Hyper
-from helpers import run_pair
+from helpers import OPTIONS, run_pair
 
 STEPS = 1000
 
-OPTIONS = {
-    "default": {},
-    "amsgrad": {"amsgrad": True},
-    "maximize": {"maximize": True},
-    "weight_decay=0": {"weight_decay": 0.0},
-    "weight_decay=0.1": {"weight_decay": 0.1},
-    "large lr and eps": {"lr": 0.1, "eps": 1e-3},
-    "b1 >= 0.5 lerp branch": {"b1": 0.3, "b2": 0.6},
-    "mask": {"decay_mask": (True, False) * 4 + (True,)},
-    "amsgrad+maximize+mask": {"amsgrad": True, "maximize": True, "decay_mask": (False, True) * 4 + (False,)},
-}
 
 
 @pytest.mark.parametrize("option", OPTIONS)

@@ -8,18 +8,10 @@ import torch
 
 import torch_impl
 from crosscheck.implementations import Hyper
-from helpers import run_pair
+from helpers import OPTIONS, run_pair
 
 STEPS = 1000
 PATHS = ["for-loop", "foreach", "fused"]
-OPTIONS = {
-    "default": {},
-    "amsgrad": {"amsgrad": True},
-    "maximize": {"maximize": True},
-    "weight_decay=0": {"weight_decay": 0.0},
-    "weight_decay=0.1": {"weight_decay": 0.1},
-    "mask": {"decay_mask": (True, False) * 4 + (True,)},
-}
 
 
 @pytest.mark.parametrize("path", PATHS)
