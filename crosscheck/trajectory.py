@@ -47,7 +47,8 @@ class PairSeries:
     max_rel: dict[str, list[float]] = field(default_factory=lambda: {q: [] for q in QUANTITIES})
     bitwise_fraction: dict[str, list[float]] = field(default_factory=lambda: {q: [] for q in QUANTITIES})
     first_mismatch: dict | None = None  # {"step", "quantity", "leaf", "element", "value", "baseline"}
-    worst_leaf: dict[str, str] = field(default_factory=dict)  # quantity -> leaf with the largest ulps
+    worst_leaf: dict[str, str] = field(default_factory=dict)  # quantity -> leaf with the largest ulps so far
+    worst_leaf_ulps: dict[str, float] = field(default_factory=dict)  # quantity -> those ulps
 
 
 @dataclass
@@ -176,8 +177,8 @@ def _record(s: PairSeries, t: int, names, state, base_state) -> None:
         equal, total = 0.0, 0
         for i, (a, b) in enumerate(zip(leaves, base_leaves)):
             d = distance(a, b)
-            if d.max_ulps > worst[0] or (d.max_ulps == worst[0] == 0 and not s.worst_leaf.get(q)):
-                s.worst_leaf[q] = names[i] if d.max_ulps > 0 else s.worst_leaf.get(q, "")
+            if d.max_ulps > s.worst_leaf_ulps.get(q, 0.0):
+                s.worst_leaf[q], s.worst_leaf_ulps[q] = names[i], d.max_ulps
             worst = (max(worst[0], d.max_ulps), max(worst[1], d.max_abs), max(worst[2], d.max_rel))
             equal += d.bitwise_equal * d.n
             total += d.n
