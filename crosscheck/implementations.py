@@ -61,6 +61,10 @@ def to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(x.copy())
 
 
+def to_jax(x: np.ndarray, dtype: str) -> jax.Array:
+    return jnp.asarray(np.asarray(x, DTYPES[dtype][0]))
+
+
 @dataclass
 class Runner:
     name: str
@@ -75,6 +79,10 @@ class Runner:
 
     def moments(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         raise NotImplementedError
+
+    def max_moment(self) -> list[np.ndarray] | None:
+        """``max_exp_avg_sq`` under amsgrad where the runner's state has it, else None."""
+        return None
 
     def load(self, params, exp_avg, exp_avg_sq, max_exp_avg_sq, count: int) -> None:
         raise NotImplementedError
@@ -109,6 +117,11 @@ class TorchRunner(Runner):
         states = [self.optimizer.state[t] for t in self.tensors]
         return [as_numpy(s["exp_avg"]) for s in states], [as_numpy(s["exp_avg_sq"]) for s in states]
 
+    def max_moment(self):
+        if not self.hyper.amsgrad:
+            return None
+        return [as_numpy(self.optimizer.state[t]["max_exp_avg_sq"]) for t in self.tensors]
+
     def load(self, params, exp_avg, exp_avg_sq, max_exp_avg_sq, count):
         with torch.no_grad():
             for i, t in enumerate(self.tensors):
@@ -137,8 +150,7 @@ class JaxRunner(Runner):
 
     def __init__(self, name, hyper, params, *, kind: str):
         super().__init__(name, hyper)
-        self.jax_dtype = DTYPES[hyper.dtype][2]
-        self.leaves = [jnp.asarray(np.asarray(p, DTYPES[hyper.dtype][0])) for p in params]
+        self.leaves = [to_jax(p, hyper.dtype) for p in params]
         mask = list(hyper.decay_mask) if hyper.decay_mask is not None else None
         if kind == "optax":
             if hyper.amsgrad:  # optax.adamw has no amsgrad flag: its own chain, decay as in optax.adamw
@@ -165,7 +177,7 @@ class JaxRunner(Runner):
         self.kind = kind
 
     def step(self, grads):
-        g = [jnp.asarray(np.asarray(x, DTYPES[self.hyper.dtype][0])) for x in grads]
+        g = [to_jax(x, self.hyper.dtype) for x in grads]
         self.leaves, self.state = self._step(g, self.state, self.leaves)
         self.count += 1
 
@@ -183,10 +195,15 @@ class JaxRunner(Runner):
         m, v = self._moment_trees()
         return [np.asarray(x) for x in m], [np.asarray(x) for x in v]
 
+    def max_moment(self):
+        if not self.hyper.amsgrad or self.kind == "optax":
+            return None
+        return [np.asarray(x) for x in self.state.max_exp_avg_sq]
+
     def load(self, params, exp_avg, exp_avg_sq, max_exp_avg_sq, count):
         if self.kind == "optax":
             raise NotImplementedError("re-synced mode does not load optax.adamw's state")
-        arr = lambda xs: [jnp.asarray(np.asarray(x, DTYPES[self.hyper.dtype][0])) for x in xs]  # noqa: E731
+        arr = lambda xs: [to_jax(x, self.hyper.dtype) for x in xs]  # noqa: E731
         self.leaves = arr(params)
         self.state = jax_impl.AdamWState(jnp.asarray(count, jnp.int32), arr(exp_avg), arr(exp_avg_sq),
                                          arr(max_exp_avg_sq) if max_exp_avg_sq is not None else None)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from crosscheck import implementations, sources
-from crosscheck.metrics import as_numpy, distance, ulps_from_reference
+from crosscheck.metrics import distance, ulps_from_reference
 
 QUANTITIES = ("param", "exp_avg", "exp_avg_sq")
 
@@ -106,14 +106,6 @@ def _snapshot(runner: implementations.Runner):
     return runner.params(), m, v
 
 
-def _max_moment(runner):
-    if isinstance(runner, implementations.TorchRunner) and runner.hyper.amsgrad:
-        return [as_numpy(runner.optimizer.state[t]["max_exp_avg_sq"]) for t in runner.tensors]
-    if isinstance(runner, implementations.JaxRunner) and runner.hyper.amsgrad and runner.kind != "optax":
-        return [np.asarray(x) for x in runner.state.max_exp_avg_sq]
-    return None
-
-
 def run(
     impls: Sequence[str],
     *,
@@ -158,7 +150,7 @@ def run(
         for name, runner in runners.items():
             _record_reference(ref_series[name], runner.params(), ref_params)
         if mode == "resync":
-            state = (*base_state, _max_moment(base), base.count)
+            state = (*base_state, base.max_moment(), base.count)
             for name in others:
                 runners[name].load(*state)
             ref.load(*state)

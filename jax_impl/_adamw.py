@@ -369,9 +369,11 @@ def adamw(
 
     def update_fn(updates, state, params=None):
         new_params, new_state = step_fn(updates, state, params)
-        deltas = jax.tree.map(
-            lambda new, old: new.astype(_update_dtype(old.dtype)) - old.astype(_update_dtype(old.dtype)),
-            new_params, params)
+        def delta(new, old):
+            dtype = _update_dtype(old.dtype)
+            return new.astype(dtype) - old.astype(dtype)
+
+        deltas = jax.tree.map(delta, new_params, params)
         return deltas, new_state
 
     update_fn.exact_step = step_fn
