@@ -225,7 +225,21 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
     return cast(p), cast(m), cast(v), cast(new_max)
 
 
-def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, **options):
+def _tail_positions(layout: np.ndarray | None, size: int, tail_size: int) -> np.ndarray | None:
+    """Flat positions (in this leaf) of the elements torch's kernel leaves to its scalar tail.
+
+    None when they are the leaf's last ``tail_size`` elements, i.e. when the
+    leaf has torch's element order.
+    """
+    if layout is None or tail_size == 0:
+        return None
+    positions = np.flatnonzero(layout.reshape(-1) >= size - tail_size)
+    if np.array_equal(positions, np.arange(size - tail_size, size)):
+        return None
+    return positions
+
+
+def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, *, layout=None, **options):
     """The fused kernel over one whole leaf: vector formula, then the scalar tail."""
     size = param.size
     if size == 0:
@@ -234,10 +248,20 @@ def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, **opti
     flat = [None if x is None else x.reshape(-1) for x in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
     tail_size = size % torch_cpu_vector_width(param.dtype)
     head_size = size - tail_size
+    tail_positions = _tail_positions(layout, size, tail_size)
     if head_size == size:
         out = _leaf_formula(*flat, scalars, tail=False, **options)
     elif head_size == 0:
         out = _leaf_formula(*flat, scalars, tail=True, **options)
+    elif tail_positions is not None:
+        # torch's tail lies elsewhere in this layout (a transposed kernel):
+        # gather its elements, compute them with the tail formula and put them
+        # back.  The gathered operands are new values, so XLA cannot share the
+        # tail's products with the vector formula's.
+        head_out = _leaf_formula(*flat, scalars, tail=False, **options)
+        tail_out = _leaf_formula(*[None if x is None else x[tail_positions] for x in flat], scalars,
+                                 tail=True, **options)
+        out = tuple(None if h is None else h.at[tail_positions].set(t) for h, t in zip(head_out, tail_out))
     else:
         # Disjoint slices joined again: computing the vector formula over the
         # whole leaf and overwriting the tail lets XLA share the product
@@ -250,13 +274,31 @@ def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, **opti
     return tuple(None if o is None else o.reshape(shape) for o in out)
 
 
+def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | None]:
+    """One torch element order (or None) per parameter leaf, checked against the leaf's shape."""
+    leaves = jax.tree.leaves(params)
+    if torch_layout is None:
+        return [None] * len(leaves)
+    try:
+        orders = jax.tree.structure(params).flatten_up_to(torch_layout)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"adamw: torch_layout does not match the parameter tree: {err}") from None
+    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for where, order, leaf in zip(paths, orders, leaves):
+        if order is not None and np.shape(order) != jnp.shape(leaf):
+            raise ValueError(f"adamw: torch_layout for parameter {where} has shape {np.shape(order)}, "
+                             f"the parameter has shape {jnp.shape(leaf)}")
+    return orders
+
+
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
-                amsgrad, maximize, mask, decay_rounding):
+                amsgrad, maximize, mask, decay_rounding, torch_layout):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
     decay_flags = _resolve_mask(mask, params)
+    layouts = _resolve_layout(torch_layout, params)
     count = state.count
     t = optax.safe_increment(count)
     param_leaves, treedef = jax.tree.flatten(params)
@@ -267,20 +309,28 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
 
     scalars_by_dtype: dict = {}
     results = []
-    for p, g, m, v, vmax, decay_on in zip(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves,
-                                          max_leaves, decay_flags):
+    for p, g, m, v, vmax, decay_on, layout in zip(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves,
+                                                  max_leaves, decay_flags, layouts):
         opmath = _opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
         results.append(_leaf_step(
             p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps,
             decay=decay_on and weight_decay != 0, decay_rounding=decay_rounding,
-            amsgrad=amsgrad, maximize=maximize))
+            amsgrad=amsgrad, maximize=maximize, layout=layout))
 
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
     new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
                            max_exp_avg_sq=new_max if amsgrad else None)
     return new_params, new_state
+
+
+def _validate_order(order) -> np.ndarray:
+    order = np.asarray(order)
+    if not np.issubdtype(order.dtype, np.integer) or not np.array_equal(np.sort(order, axis=None),
+                                                                        np.arange(order.size)):
+        raise ValueError(f"adamw: torch_layout leaves must be permutations of 0..numel-1, got {order!r}")
+    return order
 
 
 def _update_dtype(dtype) -> jnp.dtype:
@@ -300,6 +350,7 @@ def adamw(
     maximize: bool = False,
     mask: MaskOrFn = None,
     decay_rounding: str = "torch",
+    torch_layout: Any | None = None,
 ) -> optax.GradientTransformation:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
 
@@ -338,6 +389,13 @@ def adamw(
         as torch does (pytorch/pytorch#64475: at lr=1e-3, wd=1e-2 that factor
         is off by -1.36e-8, a bias toward zero); ``"precise"`` computes
         ``p - (lr*wd)*p`` instead, whose rounding error is ~1e5 times smaller.
+      torch_layout: for bit parity with torch when the params are the torch
+        tensors in another layout (Flax kernels are transposed): a pytree like
+        the params whose leaves are None (same element order as torch) or an
+        int array of the leaf's shape holding each element's flat index in the
+        torch tensor (``crosscheck.convert.torch_layout`` builds it).  It picks
+        the elements that get the rounding of torch's scalar tail (the last
+        ``numel % width`` in torch's order); the math is the same either way.
 
     Returns:
       An ``optax.GradientTransformation``.  ``optax.apply_updates`` recovers
@@ -354,9 +412,11 @@ def adamw(
       <https://arxiv.org/abs/1412.6980>`_, 2015.
     """
     _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
+    if torch_layout is not None:
+        torch_layout = jax.tree.map(_validate_order, torch_layout)
     options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
                    weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
-                   mask=mask, decay_rounding=decay_rounding)
+                   mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout)
 
     def init_fn(params: optax.Params) -> AdamWState:
         _check_params(params)
