@@ -322,7 +322,7 @@ def nnx_to_torch(model, layers: Sequence[Layer],
         model = nnx.state(model)
     flat = _flatten(nnx.to_pure_dict(model) if isinstance(model, nnx.State) else model)
     keys = {flax_key[1:]: flax_key for _, _, key, flax_key in _entries(layers)}
-    needed = {path for path, flax_key in keys.items() if not flax_key[-1] == "bias" or path in flat}
+    needed = {path for path, flax_key in keys.items() if flax_key[-1] != "bias" or path in flat}
     _check_keys(flat, needed, "nnx state")
     return _flat_to_torch({keys[path]: x for path, x in flat.items()}, layers, reference)
 

@@ -99,7 +99,6 @@ def assert_trajectories_match(
     layers = list(layers) if layers is not None else convert.layers_of(torch_model)
     nnx.update(flax_model, convert.torch_to_nnx(torch_model.state_dict(), layers, flax_model))
     named = dict(torch_model.named_parameters())
-    names = list(named)
     optimizer = torch.optim.AdamW(named.values(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                   amsgrad=amsgrad, fused=True)
     tx = jax_impl.adamw(lr, betas[0], betas[1], eps, weight_decay, amsgrad=amsgrad,

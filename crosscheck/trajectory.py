@@ -9,7 +9,6 @@ step, which isolates the error of one step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
