@@ -13,6 +13,7 @@ what is wrong with it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -71,7 +72,7 @@ class _ArraysOnly(pickle.Unpickler):
     """The batch files are pickles; allow only what they need (numpy arrays), never arbitrary code."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -111,6 +112,13 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def _check_gzip_stream(archive: Path) -> None:
+    """Read the whole gzip stream, so a damaged one fails its CRC here."""
+    with gzip.open(archive) as stream:
+        while stream.read(1 << 22):
+            pass
+
+
 def _read_archive(archive: Path) -> dict[str, bytes]:
     out = {}
     try:
@@ -120,6 +128,7 @@ def _read_archive(archive: Path) -> dict[str, bytes]:
                 try:
                     handle = tar.extractfile(member)
                 except KeyError:
+                    _check_gzip_stream(archive)  # a damaged stream also ends the member list early
                     raise DataError(f"{archive}: no member {member} (not the official CIFAR-10 python archive)") \
                         from None
                 if handle is None:

@@ -135,6 +135,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=["free", "resync"], default="free")
     t.add_argument("--x64", action="store_true", help="enable jax_enable_x64 (float64, exact schedules)")
     t.add_argument("--seed", type=int, default=0)
+
+    from crosscheck import cifar10
+    from crosscheck.cifar_parity import MODES, Config
+
+    c = sub.add_parser("cifar10", help="train the seed's SimpleCNN on CIFAR-10 in PyTorch and Flax and compare",
+                       description=f"Data: --data-dir, else ${cifar10.ENV_VAR}, else {cifar10.DEFAULT_DIR}; "
+                                   f"a directory holding {cifar10.FOLDER}/ or {cifar10.ARCHIVE}.")
+    c.add_argument("--out", type=Path, default=argparse.SUPPRESS)
+    c.add_argument("--data-dir", type=Path, default=None)
+    c.add_argument("--download", action="store_true", help=f"fetch {cifar10.URL} (md5-checked) if absent")
+    c.add_argument("--mode", choices=MODES, default=Config.mode)
+    c.add_argument("--epochs", type=int, default=Config.epochs)
+    c.add_argument("--batch-size", type=int, default=Config.batch_size)
+    c.add_argument("--lr", type=float, default=Config.lr)
+    c.add_argument("--weight-decay", type=float, default=Config.weight_decay)
+    c.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (all epochs)")
+    c.add_argument("--seed", type=int, default=Config.seed, help="initial weights, shuffle and augmentation")
+    c.add_argument("--replicas", type=int, default=Config.replicas,
+                   help="independent mode: perturbed torch runs forming the noise band (default %(default)s)")
+    c.add_argument("--perturbation", type=float, default=Config.perturbation,
+                   help="replicas' initial weights are multiplied by 1 + this * N(0,1) (default %(default)g)")
+    c.add_argument("--peers", action="store_true", help="also train torch.optim.AdamW and optax.adamw")
+    c.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip, in numpy")
+    c.add_argument("--band-factor", type=float, default=Config.band_factor)
+    c.add_argument("--early-steps", type=int, default=Config.early_steps)
     return parser
 
 
@@ -142,6 +167,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.command == "cifar10":
+        from crosscheck.cifar_parity import Config, main_run
+
+        cfg = Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                     mode=args.mode, max_steps=args.max_steps, seed=args.seed, replicas=args.replicas,
+                     perturbation=args.perturbation, peers=args.peers, augment=args.augment,
+                     band_factor=args.band_factor, early_steps=args.early_steps)
+        out = args.out if args.out != Path("crosscheck-report") else Path("crosscheck-report/cifar10")
+        return main_run(cfg, args.data_dir, args.download, out, progress)
     try:
         if args.command == "trajectory":
             impls = [name.strip() for name in args.impls.split(",") if name.strip()]

@@ -68,7 +68,7 @@ class FlaxRun:
                  names: Sequence[str]):
         self.name, self.layers, self.names = name, list(layers), list(names)
         self.graphdef, state = nnx.split(model, nnx.Param)
-        self.params = nnx.as_pure(state)
+        self.params = jax.tree.map(jnp.copy, nnx.as_pure(state))  # own buffers: the step donates them
         self.tx, self.opt_state = tx, tx.init(self.params)
         self.seconds = 0.0
         exact = getattr(tx.update, "exact_step", None) is not None

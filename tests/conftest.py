@@ -12,3 +12,17 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir():
+    """The real CIFAR-10 subset: $CROSSCHECK_CIFAR10_DIR, else ../shared/data/cifar10-subset beside the repository."""
+    import os
+    from pathlib import Path
+
+    from crosscheck import cifar10
+
+    path = Path(os.environ.get(cifar10.ENV_VAR) or Path(__file__).resolve().parents[1] / "../shared/data/cifar10-subset")
+    if not ((path / cifar10.ARCHIVE).is_file() or (path / cifar10.FOLDER).is_dir()):
+        pytest.skip(f"no CIFAR-10 data at {path} (set ${cifar10.ENV_VAR})")
+    return path
