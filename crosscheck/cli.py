@@ -160,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--augment", action="store_true", help="random crop (padding 4) and horizontal flip, in numpy")
     c.add_argument("--band-factor", type=float, default=Config.band_factor)
     c.add_argument("--early-steps", type=int, default=Config.early_steps)
+    sch = sub.add_parser("schedules", help="torch lr schedulers vs jax_impl.schedules and optax")
+    sch.add_argument("--out", type=Path, default=argparse.SUPPRESS)
+    sch.add_argument("--steps", type=int, default=10_000)
     return parser
 
 
@@ -167,6 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.command == "schedules":
+        from crosscheck import schedules
+
+        out = args.out if args.out != Path("crosscheck-report") else Path("crosscheck-report/schedules")
+        try:
+            rows, passed = schedules.run(args.steps, out)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(schedules.markdown(rows))
+        print(f"report: {out}/report.json, report.md, schedules.png")
+        return 0 if passed else 1
     if args.command == "cifar10":
         from crosscheck.cifar_parity import Config, main_run
 

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from jax_impl import bias_correction as bc
+from jax_impl.schedules import TorchSchedule
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -157,7 +158,19 @@ def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _Step
     bc1_table, bc2_table = bc.bias_correction(b1), bc.bias_correction(b2)
     bc1_saturated, bc2_saturated = bc.is_saturated(bc1_table), bc.is_saturated(bc2_table)
     in_graph_bc = lambda beta, t, dt: 1 - jnp.asarray(beta, dt) ** t.astype(dt)  # noqa: E731
-    if callable(learning_rate):
+    if isinstance(learning_rate, TorchSchedule):
+        # torch's lr of every step is a Python float, tabulated: derive the
+        # step's scalars from it in double on the host, as torch's kernel does.
+        lr_table = learning_rate.table
+        n = max(len(lr_table), len(bc1_table))
+        lr_ext = np.concatenate([lr_table, np.full(n - len(lr_table), lr_table[-1])])
+        bc1_ext = np.concatenate([bc1_table, np.full(n - len(bc1_table), bc1_table[-1])])
+        lr_last = float(lr_table[-1])
+        step_size_neg = _table_lookup(-(lr_ext / bc1_ext), bc1_saturated, t, dtype,
+                                      lambda t: -(lr_last / in_graph_bc(b1, t, dtype)))
+        decay = _table_lookup(1.0 - lr_ext * weight_decay, True, t, dtype, None)
+        lr_wd = _table_lookup(lr_ext * weight_decay, True, t, dtype, None)
+    elif callable(learning_rate):
         # The schedule is traced: its dtype (float32, or float64 under
         # jax_enable_x64) is the precision of the lr arithmetic.
         lr = jnp.asarray(learning_rate(count))
