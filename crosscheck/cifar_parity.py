@@ -61,7 +61,7 @@ class Config:
     mode: str = "independent"
     max_steps: int | None = None
     seed: int = 0
-    replicas: int = 3
+    replicas: int = 5
     perturbation: float = 1e-7
     peers: bool = False
     augment: bool = False
