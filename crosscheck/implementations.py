@@ -168,17 +168,18 @@ class JaxRunner(Runner):
                                      decay_rounding=hyper.decay_rounding)
         self.state = self.tx.init(self.leaves)
         if kind == "exact":
-            step = lambda g, s, p: jax_impl.apply_exact(self.tx, g, s, p)  # noqa: E731
+            step = lambda g, p, s: jax_impl.apply_exact(self.tx, g, s, p)  # noqa: E731
         else:
-            def step(g, s, p):
+            def step(g, p, s):
                 updates, s = self.tx.update(g, s, p)
                 return optax.apply_updates(p, updates), s
+        # (params, state) donated in the order they are returned: no copies.
         self._step = jax.jit(step, donate_argnums=(1, 2))
         self.kind = kind
 
     def step(self, grads):
         g = [to_jax(x, self.hyper.dtype) for x in grads]
-        self.leaves, self.state = self._step(g, self.state, self.leaves)
+        self.leaves, self.state = self._step(g, self.leaves, self.state)
         self.count += 1
 
     def params(self):

@@ -77,7 +77,7 @@ class FlaxRun:
             logits = nnx.merge(self.graphdef, params)(x)
             return models.flax_cross_entropy(logits, y), logits
 
-        def apply(grads, opt_state, params):
+        def apply(grads, params, opt_state):
             if exact:
                 return jax_impl.apply_exact(tx, grads, opt_state, params)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -85,7 +85,7 @@ class FlaxRun:
 
         def train_step(params, opt_state, x, y):
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
-            params, opt_state = apply(grads, opt_state, params)
+            params, opt_state = apply(grads, params, opt_state)
             return params, opt_state, loss
 
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
@@ -107,7 +107,7 @@ class FlaxRun:
     def step_with(self, grads_torch: dict[str, torch.Tensor]) -> None:
         """One optimizer step on gradients computed elsewhere (torch's, in torch's layout)."""
         grads = nnx.State(jax.tree.map(jnp.asarray, convert.params_to_flax(grads_torch, self.layers)))
-        self.params, self.opt_state = self._apply(grads, self.opt_state, self.params)
+        self.params, self.opt_state = self._apply(grads, self.params, self.opt_state)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(self._logits(self.params, jnp.asarray(models.nchw_to_nhwc(

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from jax_impl import bias_correction as bc
 from jax_impl.schedules import TorchSchedule
@@ -192,7 +193,10 @@ def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _Step
 
 def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _StepScalars, *,
                   b1, b2, eps, decay, decay_rounding, amsgrad, maximize, tail):
-    """One kernel pass over (part of) a leaf; returns new (param, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
+    """One kernel pass over a leaf; ``tail`` is False (vector formula), True (scalar) or a mask of the scalar's elements.
+
+    Returns new (param, exp_avg, exp_avg_sq, max_exp_avg_sq).
+    """
     dtype = param.dtype
     opmath = _opmath_dtype(dtype)
     p, g, m, v = (x.astype(opmath) for x in (param, grad, exp_avg, exp_avg_sq))
@@ -219,17 +223,31 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
     beta2 = opmath.type(b2)
     # LLVM fuses whichever product it likes into the add; leaving only one bare
     # product in each sum picks the FMA torch has.
-    if tail:
-        v = beta2 * v + ((coefficient2 * g) * g + neg_zero)  # fma(b2, v, (c*g)*g)
-    else:
-        v = (beta2 * v + neg_zero) + (coefficient2 * g) * g  # fma(c*g, g, b2*v)
+    def vector_v(g, v):
+        return (beta2 * v + neg_zero) + (coefficient2 * g) * g  # fma(c*g, g, b2*v)
 
+    def scalar_v(g, v):
+        return beta2 * v + ((coefficient2 * g) * g + neg_zero)  # fma(b2, v, (c*g)*g)
+
+    old_max = max_exp_avg_sq.astype(opmath) if amsgrad else None
+    if tail is True:
+        v = scalar_v(g, v)
+    elif tail is False:
+        v = vector_v(g, v)
+    else:
+        # Both formulas, then the tail's where the mask says.  The scalar
+        # formula gets its own g and v (x + -0.0 is x, bit for bit), so XLA
+        # cannot share a product between the two: LLVM would then fuse neither.
+        g_tail, v_tail = g + neg_zero, v + neg_zero
+        v_vector, v_scalar = vector_v(g, v), scalar_v(g_tail, v_tail)
+        v = jnp.where(tail, v_scalar, v_vector)
     v_for_denom = v
     new_max = None
     if amsgrad:
-        old_max = max_exp_avg_sq.astype(opmath)
         # vec::maximum propagates NaN; the tail's std::max keeps the old value.
-        new_max = jnp.where(old_max < v, v, old_max) if tail else jnp.maximum(old_max, v)
+        scalar_max, vector_max = jnp.where(old_max < v, v, old_max), jnp.maximum(old_max, v)
+        new_max = scalar_max if tail is True else vector_max if tail is False else \
+            jnp.where(tail, scalar_max, vector_max)
         v_for_denom = new_max
     denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + opmath.type(eps)
     p = p + (scalars.step_size_neg * m) / denom
@@ -238,53 +256,50 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
     return cast(p), cast(m), cast(v), cast(new_max)
 
 
-def _tail_positions(layout: np.ndarray | None, size: int, tail_size: int) -> np.ndarray | None:
-    """Flat positions (in this leaf) of the elements torch's kernel leaves to its scalar tail.
+def _tail_indices(layout: np.ndarray | None, shape: tuple[int, ...], tail_size: int) -> np.ndarray:
+    """Multi-indices (tail_size, ndim) of the elements torch's kernel leaves to its scalar tail.
 
-    None when they are the leaf's last ``tail_size`` elements, i.e. when the
-    leaf has torch's element order.
+    They are the last ``tail_size`` elements in torch's element order: the
+    leaf's own row-major order, or the order ``layout`` gives.
     """
-    if layout is None or tail_size == 0:
-        return None
-    positions = np.flatnonzero(layout.reshape(-1) >= size - tail_size)
-    if np.array_equal(positions, np.arange(size - tail_size, size)):
-        return None
-    return positions
+    size = int(np.prod(shape))
+    if layout is None:
+        flat = np.arange(size - tail_size, size)
+    else:
+        flat = np.flatnonzero(layout.reshape(-1) >= size - tail_size)
+    return np.stack(np.unravel_index(flat, shape), axis=1)
+
+
+def _tail_mask(shape: tuple[int, ...], indices: np.ndarray) -> jax.Array:
+    """A boolean array of ``shape``, True at ``indices``; built from iotas, so it shards like the leaf."""
+    iotas = [jax.lax.broadcasted_iota(jnp.int32, shape, axis) for axis in range(len(shape))]
+    mask = None
+    for index in indices:
+        hit = None
+        for iota, i in zip(iotas, index):
+            eq = iota == int(i)
+            hit = eq if hit is None else hit & eq
+        mask = hit if mask is None else mask | hit
+    return mask
 
 
 def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, *, layout=None, **options):
-    """The fused kernel over one whole leaf: vector formula, then the scalar tail."""
+    """The fused kernel over one whole leaf: vector formula, and the scalar tail's where it falls.
+
+    No reshapes or slices: every operation is elementwise, so a sharded leaf
+    is updated where it lives, without communication.
+    """
     size = param.size
     if size == 0:
         return param, exp_avg, exp_avg_sq, max_exp_avg_sq
-    shape = param.shape
-    flat = [None if x is None else x.reshape(-1) for x in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
     tail_size = size % torch_cpu_vector_width(param.dtype)
-    head_size = size - tail_size
-    tail_positions = _tail_positions(layout, size, tail_size)
-    if head_size == size:
-        out = _leaf_formula(*flat, scalars, tail=False, **options)
-    elif head_size == 0:
-        out = _leaf_formula(*flat, scalars, tail=True, **options)
-    elif tail_positions is not None:
-        # torch's tail lies elsewhere in this layout (a transposed kernel):
-        # gather its elements, compute them with the tail formula and put them
-        # back.  The gathered operands are new values, so XLA cannot share the
-        # tail's products with the vector formula's.
-        head_out = _leaf_formula(*flat, scalars, tail=False, **options)
-        tail_out = _leaf_formula(*[None if x is None else x[tail_positions] for x in flat], scalars,
-                                 tail=True, **options)
-        out = tuple(None if h is None else h.at[tail_positions].set(t) for h, t in zip(head_out, tail_out))
+    if tail_size == 0:
+        tail = False
+    elif tail_size == size:
+        tail = True
     else:
-        # Disjoint slices joined again: computing the vector formula over the
-        # whole leaf and overwriting the tail lets XLA share the product
-        # (c*g)*g between both formulas, and LLVM then fuses neither.
-        head_out = _leaf_formula(*[None if x is None else x[:head_size] for x in flat], scalars,
-                                 tail=False, **options)
-        tail_out = _leaf_formula(*[None if x is None else x[head_size:] for x in flat], scalars,
-                                 tail=True, **options)
-        out = tuple(None if h is None else jnp.concatenate([h, t]) for h, t in zip(head_out, tail_out))
-    return tuple(None if o is None else o.reshape(shape) for o in out)
+        tail = _tail_mask(param.shape, _tail_indices(layout, param.shape, tail_size))
+    return _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, tail=tail, **options)
 
 
 def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | None]:
@@ -433,7 +448,9 @@ def adamw(
 
     def init_fn(params: optax.Params) -> AdamWState:
         _check_params(params)
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+        # shard_alike: each moment takes its parameter's sharding, also when
+        # init runs under jax.jit (plain zeros_like would land on one device).
+        zeros = lambda: jax.tree.map(lambda p: shard_alike(jnp.zeros_like(p), p)[0], params)  # noqa: E731
         return AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(), exp_avg_sq=zeros(),
                           max_exp_avg_sq=zeros() if amsgrad else None)
 
