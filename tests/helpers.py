@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
 
-from crosscheck import implementations, sources
+import jax_impl
+from crosscheck import convert, implementations, sources
 from crosscheck.metrics import distance
 
 # Shapes that exercise torch's kernel layout: 0-d, empty, shorter than one
@@ -58,3 +62,52 @@ def compare(a, b, step):
             if d.first_mismatch >= 0:
                 out.append((step, leaf, quantity, d))
     return out
+
+
+# A small CNN with an NCHW flatten, for conversion, resume and checkpoint tests.
+
+class TorchCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.flatten(1))  # NCHW flatten
+
+
+def shared_gradient(model: torch.nn.Module, step: int) -> None:
+    """d loss / d params of ``model`` on seeded batch ``step``, into ``.grad`` (the data both runs see)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def setup_cnn(amsgrad: bool, cls=torch.optim.AdamW):
+    torch.manual_seed(0)
+    model = TorchCNN()
+    optimizer = cls(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+    layers = convert.layers_of(model, flatten_from={"fc": (4, 3, 3)})
+    return model, optimizer, layers
+
+
+def torch_steps(model, optimizer, steps, first):
+    for t in range(first, first + steps):
+        shared_gradient(model, t)
+        optimizer.step()
+
+
+def jax_steps(model, layers, names, params, state, tx, steps, first):
+    """jax_impl steps on gradients torch computes at the JAX params (converted back to torch's layout)."""
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    for t in range(first, first + steps):
+        with torch.no_grad():
+            for name, value in convert.params_to_torch(params, layers, names).items():
+                model.get_parameter(name).copy_(value)
+        shared_gradient(model, t)
+        grads = convert.params_to_flax({n: p.grad for n, p in model.named_parameters()}, layers)
+        params, state = step(jax.tree.map(jnp.asarray, grads), state, params)
+    return params, state

@@ -14,6 +14,7 @@ import torch_impl
 from crosscheck import convert, models
 from crosscheck.convert import ConversionError
 from crosscheck.metrics import as_numpy
+from helpers import TorchCNN, jax_steps, setup_cnn, torch_steps
 
 
 class TorchZoo(torch.nn.Module):
@@ -112,18 +113,6 @@ class LinenCNN(linen.Module):
         return linen.Dense(3, name="Dense_0")(x.reshape(x.shape[0], -1))
 
 
-class TorchCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(4)
-        self.fc = torch.nn.Linear(4 * 3 * 3, 3)
-
-    def forward(self, x):
-        x = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
-        return self.fc(x.flatten(1))  # NCHW flatten
-
-
 def test_linen_round_trip_with_renames_and_nchw_flatten():
     torch.manual_seed(0)
     model = TorchCNN().eval()
@@ -191,46 +180,11 @@ def test_errors_name_the_entry():
         convert.Layer("x", "lstm", ("x",))
 
 
-def _shared_gradient(model: torch.nn.Module, step: int) -> None:
-    """d loss / d params of ``model`` on seeded batch ``step``, into ``.grad`` (the data both runs see)."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-    model.zero_grad()
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-
-
-def _setup(amsgrad: bool, cls=torch.optim.AdamW):
-    torch.manual_seed(0)
-    model = TorchCNN()
-    optimizer = cls(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
-    layers = convert.layers_of(model, flatten_from={"fc": (4, 3, 3)})
-    return model, optimizer, layers
-
-
-def _torch_steps(model, optimizer, steps, first):
-    for t in range(first, first + steps):
-        _shared_gradient(model, t)
-        optimizer.step()
-
-
-def _jax_steps(model, layers, names, params, state, tx, steps, first):
-    """jax_impl steps on gradients torch computes at the JAX params (converted back to torch's layout)."""
-    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
-    for t in range(first, first + steps):
-        with torch.no_grad():
-            for name, value in convert.params_to_torch(params, layers, names).items():
-                model.get_parameter(name).copy_(value)
-        _shared_gradient(model, t)
-        grads = convert.params_to_flax({n: p.grad for n, p in model.named_parameters()}, layers)
-        params, state = step(jax.tree.map(jnp.asarray, grads), state, params)
-    return params, state
-
-
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch_impl.AdamW], ids=["torch.optim", "torch_impl"])
 def test_optimizer_state_round_trips_exactly(amsgrad, cls):
-    model, optimizer, layers = _setup(amsgrad, cls)
-    _torch_steps(model, optimizer, 5, 0)
+    model, optimizer, layers = setup_cnn(amsgrad, cls)
+    torch_steps(model, optimizer, 5, 0)
     names = convert.param_names(model, optimizer)
     params = convert.params_to_flax(dict(model.named_parameters()), layers)
     state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
@@ -251,40 +205,40 @@ def test_optimizer_state_round_trips_exactly(amsgrad, cls):
 def test_resume_across_frameworks_equals_the_run_that_never_switched(amsgrad):
     """k steps in torch, convert, k in JAX (and JAX first, then torch): bitwise the 2k-step torch run."""
     k = 6
-    model, optimizer, layers = _setup(amsgrad)
-    _torch_steps(model, optimizer, 2 * k, 0)
+    model, optimizer, layers = setup_cnn(amsgrad)
+    torch_steps(model, optimizer, 2 * k, 0)
     never_switched = {n: p.detach().clone() for n, p in model.named_parameters()}
     # fc.weight has 108 elements: torch's tail is its last 4, which in the
     # transposed Flax kernel lie elsewhere.
     tx = jax_impl.adamw(1e-2, weight_decay=0.1, amsgrad=amsgrad, torch_layout=convert.torch_layout(model, layers))
 
     # torch -> JAX
-    model, optimizer, layers = _setup(amsgrad)
-    _torch_steps(model, optimizer, k, 0)
+    model, optimizer, layers = setup_cnn(amsgrad)
+    torch_steps(model, optimizer, k, 0)
     names = convert.param_names(model, optimizer)
     params = convert.params_to_flax(dict(model.named_parameters()), layers)
     state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
-    params, _ = _jax_steps(model, layers, names, jax.tree.map(jnp.asarray, params), state, tx, k, k)
+    params, _ = jax_steps(model, layers, names, jax.tree.map(jnp.asarray, params), state, tx, k, k)
     for name, value in convert.params_to_torch(params, layers, names).items():
         assert torch.equal(value, never_switched[name]), name
 
     # JAX -> torch
-    model, optimizer, layers = _setup(amsgrad)
+    model, optimizer, layers = setup_cnn(amsgrad)
     params = jax.tree.map(jnp.asarray, convert.params_to_flax(dict(model.named_parameters()), layers))
-    params, state = _jax_steps(model, layers, names, params, tx.init(params), tx, k, 0)
+    params, state = jax_steps(model, layers, names, params, tx.init(params), tx, k, 0)
     with torch.no_grad():
         for name, value in convert.params_to_torch(params, layers, names).items():
             model.get_parameter(name).copy_(value)
     optimizer.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names,
                                                              optimizer.state_dict()["param_groups"]))
-    _torch_steps(model, optimizer, k, k)
+    torch_steps(model, optimizer, k, k)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), never_switched[name]), name
 
 
 def test_optimizer_state_into_nnx_optimizer_and_back():
-    model, optimizer, layers = _setup(amsgrad=True)
-    _torch_steps(model, optimizer, 3, 0)
+    model, optimizer, layers = setup_cnn(amsgrad=True)
+    torch_steps(model, optimizer, 3, 0)
     names = convert.param_names(model, optimizer)
     flax_model = nnx.Module()
     flax_model.conv = nnx.Conv(2, 4, (3, 3), padding=1, rngs=nnx.Rngs(0))
@@ -303,8 +257,8 @@ def test_optimizer_state_into_nnx_optimizer_and_back():
 
 
 def test_optimizer_state_errors_name_the_parameter():
-    model, optimizer, layers = _setup(amsgrad=False)
-    _torch_steps(model, optimizer, 2, 0)
+    model, optimizer, layers = setup_cnn(amsgrad=False)
+    torch_steps(model, optimizer, 2, 0)
     names = convert.param_names(model, optimizer)
     state = optimizer.state_dict()
     partial = {"state": {i: s for i, s in state["state"].items() if i != 2}, "param_groups": state["param_groups"]}
