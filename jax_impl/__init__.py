@@ -2,5 +2,15 @@
 
 from jax_impl import schedules
 from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
+from jax_impl.masks import decay_mask_by_name
 
-__all__ = ["AdamWState", "adamw", "apply_exact", "schedules", "torch_cpu_vector_width"]
+__all__ = ["AdamWState", "ExactOptimizer", "adamw", "apply_exact", "decay_mask_by_name", "schedules",
+           "torch_cpu_vector_width"]
+
+
+def __getattr__(name):
+    if name == "ExactOptimizer":  # imports Flax only when asked for
+        from jax_impl.nnx_optimizer import ExactOptimizer
+
+        return ExactOptimizer
+    raise AttributeError(f"module 'jax_impl' has no attribute {name!r}")
