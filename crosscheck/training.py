@@ -106,8 +106,11 @@ class FlaxRun:
 
     def step_with(self, grads_torch: dict[str, torch.Tensor]) -> None:
         """One optimizer step on gradients computed elsewhere (torch's, in torch's layout)."""
+        started = time.perf_counter()
         grads = nnx.State(jax.tree.map(jnp.asarray, convert.params_to_flax(grads_torch, self.layers)))
         self.params, self.opt_state = self._apply(grads, self.params, self.opt_state)
+        jax.block_until_ready(self.params)
+        self.seconds += time.perf_counter() - started
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(self._logits(self.params, jnp.asarray(models.nchw_to_nhwc(

@@ -1,0 +1,293 @@
+"""AdamW step time of every implementation against the memory-bandwidth floor, measured in the same run.
+
+    python benchmarks/step_time.py [--device cpu|gpu] [--sizes 1e5,1e6,1e7] [--layouts one,many]
+                                   [--impls ...] [--dtype float32] [--repeats 15] [--out DIR]
+
+A float32 AdamW step reads params, grads and both moments and writes params and
+both moments: 28 bytes per parameter, so its floor is 28 N / bandwidth.  The
+bandwidth is measured in the same process and the same rounds, by an in-place
+kernel with the same traffic (``p += g`` style: torch's ``addcmul_`` reading
+three arrays and writing one, 16 B/element), taken as the best of the rounds.
+
+Each round runs every implementation once, in a rotated order (A B C, B C A,
+...), so drift in the machine's speed hits all alike; after warm-up, the
+median over rounds and its interquartile range are reported, with ms/step,
+effective GB/s at 28 B/param, fraction of the measured bandwidth and the
+ratio to the fastest peer.  JAX steps are jitted with donated buffers and
+timed to ``block_until_ready``.  Also reported: optimizer-state bytes per
+parameter, and the compile time of the jitted step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax_impl  # noqa: E402
+import torch_impl  # noqa: E402
+
+BYTES_PER_PARAM = {"float32": 28, "bfloat16": 14, "float16": 14, "float64": 56}
+
+
+def many_shapes(total: int, leaves: int = 250, seed: int = 0) -> list[tuple[int, ...]]:
+    """~``leaves`` leaves of mixed rank (0-d to 4-d, transformer- and CNN-like) summing to about ``total``."""
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0, 1.5, leaves)
+    sizes = np.maximum(1, (weights / weights.sum() * total).astype(int))
+    shapes = []
+    for i, size in enumerate(sizes):
+        kind = i % 5
+        if kind == 0 or size < 8:
+            shapes.append((int(size),) if kind else ())
+        elif kind == 1:
+            shapes.append((int(size),))
+        elif kind == 2:
+            cols = max(1, int(np.sqrt(size)))
+            shapes.append((int(size) // cols, cols))
+        elif kind == 3:
+            out = max(1, int(size) // 9)
+            shapes.append((out, 1, 3, 3))
+        else:
+            shapes.append((2, int(size) // 2 or 1))
+    return shapes
+
+
+@dataclass
+class Bench:
+    name: str
+    step: Callable[[], None]  # one optimizer step, finished when it returns
+    state_bytes: Callable[[], int]
+    compile_seconds: float | None = None
+
+
+def torch_bench(name: str, cls, path: str, shapes, dtype, device) -> Bench:
+    torch_dtype = getattr(torch, dtype)
+    params = [torch.randn(s, dtype=torch_dtype, device=device, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[path]
+    optimizer = cls(params, lr=1e-3, weight_decay=1e-2, **flags)
+
+    def step():
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    return Bench(name, step, lambda: sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                                         for k, t in s.items() if torch.is_tensor(t) and k != "step"))
+
+
+def jax_bench(name: str, tx, shapes, dtype, kind: str) -> Bench:
+    rng = np.random.default_rng(0)
+    params = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    grads = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    holder = {"params": params, "state": tx.init(params)}
+    if kind == "exact":
+        fn = lambda g, p, s: jax_impl.apply_exact(tx, g, s, p)  # noqa: E731
+    else:
+        def fn(g, p, s):
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+    # params and state donated in the order they come back: updated in place.
+    started = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=(1, 2)).lower(grads, holder["params"], holder["state"]).compile()
+    compile_seconds = time.perf_counter() - started
+
+    def step():
+        holder["params"], holder["state"] = compiled(grads, holder["params"], holder["state"])
+        jax.block_until_ready(holder["params"])
+
+    step()
+    return Bench(name, step, lambda: sum(x.nbytes for x in jax.tree.leaves(holder["state"]) if x.ndim),
+                 compile_seconds)
+
+
+IMPLS: dict[str, Callable] = {
+    "jax_impl.adamw (exact)": lambda sh, dt, dev: jax_bench("jax_impl.adamw (exact)", jax_impl.adamw(), sh, dt,
+                                                            "exact"),
+    "jax_impl.adamw (apply_updates)": lambda sh, dt, dev: jax_bench("jax_impl.adamw (apply_updates)",
+                                                                    jax_impl.adamw(), sh, dt, "updates"),
+    "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", optax.adamw(1e-3, weight_decay=1e-2), sh, dt,
+                                                 "updates"),
+    "torch.optim.AdamW(fused)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(fused)", torch.optim.AdamW,
+                                                                "fused", sh, dt, dev),
+    "torch.optim.AdamW(foreach)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(foreach)", torch.optim.AdamW,
+                                                                  "foreach", sh, dt, dev),
+    "torch.optim.AdamW(for-loop)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(for-loop)",
+                                                                   torch.optim.AdamW, "for-loop", sh, dt, dev),
+    "torch_impl.AdamW(fused)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(fused)", torch_impl.AdamW,
+                                                               "fused", sh, dt, dev),
+    "torch_impl.AdamW(foreach)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(foreach)", torch_impl.AdamW,
+                                                                 "foreach", sh, dt, dev),
+    "torch_impl.AdamW(for-loop)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(for-loop)", torch_impl.AdamW,
+                                                                  "for-loop", sh, dt, dev),
+}
+
+
+def bandwidth_kernel(n: int, dtype: str, device: str) -> tuple[Callable[[], None], int]:
+    """An in-place kernel with an optimizer's access pattern: a.addcmul_(b, c) reads 3 arrays and writes 1."""
+    torch_dtype = getattr(torch, dtype)
+    a, b, c = (torch.randn(n, dtype=torch_dtype, device=device) for _ in range(3))
+
+    def run():
+        a.addcmul_(b, c, value=1e-30)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run, 4 * n * a.element_size()
+
+
+def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int, warmup: int = 2):
+    times = {b.name: [] for b in benches}
+    stream = []
+    for _ in range(warmup):
+        for b in benches:
+            b.step()
+        bandwidth()
+    for r in range(repeats):
+        order = benches[r % len(benches):] + benches[:r % len(benches)]  # rotate: A B C, B C A, ...
+        for b in order:
+            started = time.perf_counter()
+            b.step()
+            times[b.name].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        bandwidth()
+        stream.append(time.perf_counter() - started)
+    return times, stream
+
+
+def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dtype: str, repeats: int,
+        progress: bool = True) -> list[dict]:
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    rows = []
+    cases = [(layout, n) for layout in layouts for n in sizes]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), desc="step_time", unit="case", file=sys.stderr)
+    for layout, n in cases:
+        shapes = [(n,)] if layout == "one" else many_shapes(n)
+        numel = int(sum(np.prod(s) for s in shapes))
+        benches = [IMPLS[i](shapes, dtype, torch_device) for i in impls]
+        kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
+        times, stream = measure(benches, kernel, repeats)
+        bandwidth = kernel_bytes / min(stream)
+        floor = BYTES_PER_PARAM[dtype] * numel / bandwidth
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        fastest_peer = min(v for k, v in medians.items() if not k.startswith(("jax_impl", "torch_impl")))
+        for b in benches:
+            t = sorted(times[b.name])
+            q1, q3 = t[len(t) // 4], t[(3 * len(t)) // 4]
+            rows.append({
+                "layout": layout, "leaves": len(shapes), "params": numel, "implementation": b.name,
+                "ms": 1e3 * medians[b.name], "iqr_ms": 1e3 * (q3 - q1),
+                "gb_per_s": BYTES_PER_PARAM[dtype] * numel / medians[b.name] / 1e9,
+                "fraction_of_bandwidth": floor / medians[b.name], "vs_fastest_peer": medians[b.name] / fastest_peer,
+                "floor_ms": 1e3 * floor, "bandwidth_gb_per_s": bandwidth / 1e9,
+                "state_bytes_per_param": b.state_bytes() / numel,
+                "compile_s": b.compile_seconds})
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def markdown(rows: list[dict], device: str, dtype: str) -> str:
+    lines = [f"AdamW step time, {device}, {dtype} ({jax.devices()[0].device_kind}; torch "
+             f"{torch.__version__}, jax {jax.__version__}); median of interleaved rounds; floor = "
+             f"{BYTES_PER_PARAM[dtype]} B/param over the bandwidth measured in the same rounds.", "",
+             "| layout | params | implementation | ms/step (IQR) | GB/s | of bandwidth floor | vs fastest peer | "
+             "state B/param | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        lines.append(f"| {r['layout']} ({r['leaves']} leaves) | {r['params']:.2g} | {r['implementation']} | "
+                     f"{r['ms']:.3f} ({r['iqr_ms']:.3f}) | {r['gb_per_s']:.1f} | {100 * r['fraction_of_bandwidth']:.0f}% | "
+                     f"{r['vs_fastest_peer']:.2f}x | {r['state_bytes_per_param']:.0f} | {compile_s} |")
+    floors = sorted({(r["layout"], r["params"], r["floor_ms"], r["bandwidth_gb_per_s"]) for r in rows})
+    lines += ["", "| layout | params | measured bandwidth GB/s | floor ms |", "|---|---|---|---|"]
+    lines += [f"| {layout} | {n:.2g} | {bw:.1f} | {floor:.3f} |" for layout, n, floor, bw in floors]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layouts = sorted({r["layout"] for r in rows})
+    fig, axes = plt.subplots(1, len(layouts), figsize=(7 * len(layouts), 5), squeeze=False)
+    for ax, layout in zip(axes[0], layouts):
+        sub = [r for r in rows if r["layout"] == layout]
+        for name in dict.fromkeys(r["implementation"] for r in sub):
+            points = sorted((r["params"], r["ms"]) for r in sub if r["implementation"] == name)
+            ax.plot(*zip(*points), marker="o", label=name, lw=1)
+        floor = sorted({(r["params"], r["floor_ms"]) for r in sub})
+        ax.plot(*zip(*floor), "k--", label="bandwidth floor (28 B/param)", lw=1.5)
+        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="ms / step", title=f"layout: {layout}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated parameter counts")
+    parser.add_argument("--layouts", default="one,many")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
+    parser.add_argument("--dtype", default="float32", choices=list(BYTES_PER_PARAM))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_time"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    except ValueError:
+        parser.error(f"--sizes must be numbers, got {args.sizes!r}")
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    layouts = [x for x in args.layouts.split(",") if x]
+    if unknown:
+        parser.error(f"unknown --impls {unknown}; choose from {list(IMPLS)}")
+    if any(x not in ("one", "many") for x in layouts):
+        parser.error(f"--layouts takes one and many, got {args.layouts!r}")
+    if any(n < 1 for n in sizes) or args.repeats < 3:
+        parser.error("--sizes must be >= 1 and --repeats >= 3")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: no CUDA device visible to torch")
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        parser.error("--device gpu: JAX has no GPU backend here")
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    rows = run(args.device, sizes, layouts, impls, args.dtype, args.repeats, not args.no_progress)
+    text = markdown(rows, args.device, args.dtype)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "report.md").write_text(text)
+    plot(rows, args.out / "step_time.png")
+    print(f"report: {args.out}/report.json, report.md, step_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
