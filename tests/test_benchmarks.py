@@ -1,0 +1,34 @@
+"""Smoke runs of both benchmarks (tiny sizes; no timing assertions: timings belong to the benchmarks)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def test_step_time_smoke(tmp_path):
+    done = _run("step_time.py", "--sizes", "2000", "--repeats", "3", "--no-progress", "--out", str(tmp_path),
+                "--impls", "jax_impl.adamw,jax_impl.adamw[xla],optax.adamw,torch.optim.AdamW(fused),"
+                           "torch_impl.AdamW(foreach)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert {r["layout"] for r in rows} == {"one", "many"}
+    assert {r["leaves"] for r in rows} == {1, 300}
+    assert all(r["ms"] > 0 and r["state_bytes_per_param"] >= 0 for r in rows)
+    assert (tmp_path / "step_time.png").stat().st_size > 0
+    assert _run("step_time.py", "--impls", "sgd").returncode == 2
+
+
+def test_train_step_smoke(tmp_path):
+    done = _run("train_step.py", "--batch-sizes", "4", "--repeats", "3", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert [r["framework"] for r in rows] == ["torch", "flax"]
+    assert all(0 < r["optimizer_share"] for r in rows)

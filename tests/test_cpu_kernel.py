@@ -1,0 +1,77 @@
+"""The one-pass C++ kernel and the XLA path of jax_impl.adamw agree bit for bit (and so both agree with torch)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_impl
+from jax_impl import cpu_kernel
+from helpers import OPTIONS, SHAPES
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel could not be built here")
+
+
+def _run(kernel: str, option: dict, grads, params, layout=None):
+    option = dict(option)
+    mask = option.pop("decay_mask", None)
+    lr = option.pop("lr", 1e-3)
+    tx = jax_impl.adamw(lr, b1=option.pop("b1", 0.9), b2=option.pop("b2", 0.999), eps=option.pop("eps", 1e-8),
+                        weight_decay=option.pop("weight_decay", 1e-2), mask=list(mask) if mask else None,
+                        kernel=kernel, torch_layout=layout, **option)
+    step = jax.jit(lambda g, p, s: jax_impl.apply_exact(tx, g, s, p), donate_argnums=(1, 2))
+    leaves = [jnp.asarray(p) for p in params]
+    state = tx.init(leaves)
+    for g in grads:
+        leaves, state = step([jnp.asarray(x) for x in g], leaves, state)
+    return jax.tree.map(np.asarray, (leaves, state))
+
+
+def _same_bits(a, b) -> bool:
+    """Bitwise equal, except that a NaN may differ in its sign bit.
+
+    With maximize, a NaN gradient is negated first; which operand's NaN an
+    instruction passes on (so the NaN's sign) is up to each code generator,
+    for XLA's code, GCC's and torch's alike.
+    """
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if x.tobytes() != y.tobytes():
+            both_nan = np.isnan(x) & np.isnan(y) if x.dtype.kind == "f" else False
+            if not np.array_equal(np.where(both_nan, 0, x), np.where(both_nan, 0, y)) or \
+                    not np.array_equal(np.isnan(x), np.isnan(y)):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
+def test_kernel_equals_xla_path(option):
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [[(rng.standard_normal(s) * 10.0 ** rng.uniform(-6, 2, s)).astype(np.float32) for s in SHAPES]
+             for _ in range(100)]
+    grads[7][5][3] = np.nan
+    grads[9][6][0] = np.inf
+    assert _same_bits(_run("cpu", OPTIONS[option], grads, params), _run("xla", OPTIONS[option], grads, params))
+
+
+def test_kernel_with_torch_layout_and_large_leaves():
+    """Transposed leaves (the tail elsewhere) and a leaf big enough for the kernel's threads."""
+    rng = np.random.default_rng(1)
+    shapes = [(36, 3), (3, 3, 3, 5), (1 << 18) + 5]
+    shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    layout = [np.arange(108).reshape(3, 36).T, np.transpose(np.arange(135).reshape(5, 3, 3, 3), (2, 3, 1, 0)), None]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(20)]
+    for option in ({}, {"amsgrad": True, "maximize": True}):
+        assert _same_bits(_run("cpu", option, grads, params, layout), _run("xla", option, grads, params, layout))
+
+
+def test_auto_uses_the_kernel_on_one_cpu_device():
+    tx = jax_impl.adamw()
+    params = [jnp.ones(10), jnp.ones(3, jnp.bfloat16)]
+    text = jax.jit(lambda g, p, s: jax_impl.apply_exact(tx, g, s, p)).lower(params, params, tx.init(params)).as_text()
+    assert text.count("jax_impl_adamw") == 1  # the float32 leaf; bfloat16 stays on the XLA path
+    with pytest.raises(ValueError, match="Invalid kernel: 'gpu'"):
+        jax_impl.adamw(kernel="gpu")
