@@ -111,3 +111,13 @@ def jax_steps(model, layers, names, params, state, tx, steps, first):
         grads = convert.params_to_flax({n: p.grad for n, p in model.named_parameters()}, layers)
         params, state = step(jax.tree.map(jnp.asarray, grads), state, params)
     return params, state
+
+
+def continue_in_torch(model, optimizer, layers, names, params, state, steps, first):
+    """Load JAX params and jax_impl state into the torch model and optimizer, then take torch steps."""
+    with torch.no_grad():
+        for name, value in convert.params_to_torch(params, layers, names).items():
+            model.get_parameter(name).copy_(value)
+    optimizer.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names,
+                                                             optimizer.state_dict()["param_groups"]))
+    torch_steps(model, optimizer, steps, first)

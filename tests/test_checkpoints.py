@@ -11,7 +11,7 @@ import torch
 import jax_impl
 from crosscheck import checkpoint, convert
 from crosscheck.checkpoint import CheckpointError
-from helpers import jax_steps, setup_cnn, torch_steps
+from helpers import continue_in_torch, jax_steps, setup_cnn, torch_steps
 
 
 def _jax_run(tx, params, state, steps, seed):
@@ -132,11 +132,6 @@ def test_cross_framework_checkpoints_keep_the_trajectory(amsgrad, tmp_path):
     params, state = jax_steps(model, layers, names, params, tx.init(params), tx, k, 0)
     checkpoint.save_jax(tmp_path / "jax", params, state)
     params, state = checkpoint.restore_jax(tmp_path / "jax", params, state)
-    with torch.no_grad():
-        for name, value in convert.params_to_torch(params, layers, names).items():
-            model.get_parameter(name).copy_(value)
-    optimizer.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names,
-                                                             optimizer.state_dict()["param_groups"]))
-    torch_steps(model, optimizer, k, k)
+    continue_in_torch(model, optimizer, layers, names, params, state, k, k)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), never_switched[name]), name

@@ -14,7 +14,7 @@ import torch_impl
 from crosscheck import convert, models
 from crosscheck.convert import ConversionError
 from crosscheck.metrics import as_numpy
-from helpers import TorchCNN, jax_steps, setup_cnn, torch_steps
+from helpers import TorchCNN, continue_in_torch, jax_steps, setup_cnn, torch_steps
 
 
 class TorchZoo(torch.nn.Module):
@@ -226,12 +226,7 @@ def test_resume_across_frameworks_equals_the_run_that_never_switched(amsgrad):
     model, optimizer, layers = setup_cnn(amsgrad)
     params = jax.tree.map(jnp.asarray, convert.params_to_flax(dict(model.named_parameters()), layers))
     params, state = jax_steps(model, layers, names, params, tx.init(params), tx, k, 0)
-    with torch.no_grad():
-        for name, value in convert.params_to_torch(params, layers, names).items():
-            model.get_parameter(name).copy_(value)
-    optimizer.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names,
-                                                             optimizer.state_dict()["param_groups"]))
-    torch_steps(model, optimizer, k, k)
+    continue_in_torch(model, optimizer, layers, names, params, state, k, k)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), never_switched[name]), name
 

@@ -141,24 +141,3 @@ def test_flax_nnx_optimizer_trains():
 
     losses = [float(train_step(model, optimizer)) for _ in range(50)]
     assert losses[-1] < 0.5 * losses[0]
-
-
-def test_flax_linen_train_state_trains():
-    from flax import linen as nn
-    from flax.training import train_state
-
-    model = nn.Dense(2)
-    x = jnp.ones((8, 4))
-    params = model.init(jax.random.key(0), x)["params"]
-    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=jax_impl.adamw(1e-2))
-
-    @jax.jit
-    def train_step(state):
-        loss, grads = jax.value_and_grad(lambda p: jnp.mean(state.apply_fn({"params": p}, x) ** 2))(state.params)
-        return state.apply_gradients(grads=grads), loss
-
-    losses = []
-    for _ in range(50):
-        state, loss = train_step(state)
-        losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0]
