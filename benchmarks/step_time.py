@@ -104,10 +104,16 @@ def torch_bench(name: str, cls, path: str, shapes, dtype, device) -> Bench:
                                          for k, t in s.items() if torch.is_tensor(t) and k != "step"))
 
 
-def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1) -> Bench:
+def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, flat: bool = False) -> Bench:
     rng = np.random.default_rng(0)
     params = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
     grads = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    if flat:
+        # The parameters live in flat buffers (jax.grad of a loss of layout.unflatten(flat)
+        # gives flat gradients); tx must be built with layout.adamw_options().
+        layout = jax_impl.FlatLayout(params)
+        tx = tx(layout)
+        params, grads = layout.flatten(params), layout.flatten(grads)
     holder = {"params": params, "state": tx.init(params)}
     if kind == "exact":
         fn = lambda g, p, s: jax_impl.apply_exact(tx, g, s, p)  # noqa: E731
@@ -141,6 +147,9 @@ IMPLS: dict[str, Callable] = {
                                                          dt, "exact"),
     "jax_impl.adamw (10 steps per jit call)": lambda sh, dt, dev: jax_bench(
         "jax_impl.adamw (10 steps per jit call)", jax_impl.adamw(), sh, dt, "exact", 10),
+    "jax_impl.adamw (flat buffers)": lambda sh, dt, dev: jax_bench(
+        "jax_impl.adamw (flat buffers)", lambda layout: jax_impl.adamw(**layout.adamw_options()), sh, dt, "exact",
+        flat=True),
     "jax_impl.adamw+apply_updates": lambda sh, dt, dev: jax_bench("jax_impl.adamw+apply_updates", jax_impl.adamw(),
                                                                   sh, dt, "updates"),
     "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", optax.adamw(1e-3, weight_decay=1e-2), sh, dt,

@@ -282,24 +282,62 @@ def _tail_mask(shape: tuple[int, ...], indices: np.ndarray) -> jax.Array:
     return mask
 
 
-def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, *, layout=None, **options):
-    """The fused kernel over one whole leaf, in XLA: vector formula, and the scalar tail's where it falls.
+def _leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, *, tail_positions: np.ndarray,
+               **options):
+    """The fused kernel over one whole leaf, in XLA: vector formula, and the scalar tail's at ``tail_positions``.
 
-    No reshapes or slices: every operation is elementwise, so a sharded leaf
-    is updated where it lives, without communication.
+    No reshapes or slices for a few tail positions: every operation is
+    elementwise, so a sharded leaf is updated where it lives, without
+    communication.  Many positions (a flat buffer of many tensors) are
+    gathered, computed with the tail formula and scattered back.
     """
     size = param.size
     if size == 0:
         return param, exp_avg, exp_avg_sq, max_exp_avg_sq
-    tail_size = size % torch_cpu_vector_width(param.dtype)
-    if tail_size == 0:
-        tail = False
-    elif tail_size == size:
-        tail = True
-    else:
-        indices = np.stack(np.unravel_index(_tail_positions(layout, size, tail_size), param.shape), axis=1)
+    if len(tail_positions) == 0:
+        return _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, tail=False, **options)
+    if len(tail_positions) == size:
+        return _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, tail=True, **options)
+    if len(tail_positions) <= _MAX_MASK_POSITIONS:
+        indices = np.stack(np.unravel_index(tail_positions, param.shape), axis=1)
         tail = _tail_mask(param.shape, indices)
-    return _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, tail=tail, **options)
+        return _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, tail=tail, **options)
+    # The gathered operands are new values, so XLA cannot share the tail's
+    # products with the vector formula's.
+    flat = [None if x is None else x.reshape(-1) for x in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
+    head = _leaf_formula(*flat, scalars, tail=False, **options)
+    tail = _leaf_formula(*[None if x is None else x[tail_positions] for x in flat], scalars, tail=True, **options)
+    return tuple(None if h is None else h.at[tail_positions].set(t).reshape(param.shape) for h, t in zip(head, tail))
+
+
+_MAX_MASK_POSITIONS = 64
+
+
+def _resolve_tails(torch_layout, scalar_tail, params: optax.Params) -> list[np.ndarray]:
+    """Per leaf, the flat positions that get torch's scalar-tail formula.
+
+    ``scalar_tail`` gives them explicitly; otherwise they are the last
+    ``numel % width`` elements in torch's order (``torch_layout``, or the leaf's own).
+    """
+    leaves = jax.tree.leaves(params)
+    layouts = _resolve_layout(torch_layout, params)
+    explicit = [None] * len(leaves)
+    if scalar_tail is not None:
+        try:
+            explicit = jax.tree.structure(params).flatten_up_to(scalar_tail)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"adamw: scalar_tail does not match the parameter tree: {err}") from None
+    tails = []
+    for leaf, layout, positions in zip(leaves, layouts, explicit):
+        size = int(np.prod(jnp.shape(leaf)))
+        if positions is not None:
+            positions = np.asarray(positions, np.int64).reshape(-1)
+            if positions.size and (positions.min() < 0 or positions.max() >= size):
+                raise ValueError(f"adamw: scalar_tail positions must be in 0..{size - 1}")
+            tails.append(np.unique(positions))
+        else:
+            tails.append(_tail_positions(layout, size, size % torch_cpu_vector_width(jnp.result_type(leaf))))
+    return tails
 
 
 def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | None]:
@@ -320,13 +358,13 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
-                amsgrad, maximize, mask, decay_rounding, torch_layout, kernel):
+                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
     decay_flags = _resolve_mask(mask, params)
-    layouts = _resolve_layout(torch_layout, params)
+    tails = _resolve_tails(torch_layout, scalar_tail, params)
     use_kernel = _use_kernel(kernel)
     count = state.count
     t = optax.safe_increment(count)
@@ -339,8 +377,8 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     scalars_by_dtype: dict = {}
     results: list = [None] * len(param_leaves)
     kernel_groups: dict[bool, list[int]] = {}  # decay flag -> leaves for the one-pass CPU kernel
-    for i, (p, g, m, v, vmax, decay_on, layout) in enumerate(zip(
-            param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, layouts)):
+    for i, (p, g, m, v, vmax, decay_on, tail_positions) in enumerate(zip(
+            param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, tails)):
         opmath = _opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
@@ -352,15 +390,14 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
                 results[i] = (p, m, v, vmax)
             continue
         results[i] = _leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps, decay=decay,
-                                decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize, layout=layout)
+                                decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,
+                                tail_positions=tail_positions)
     for decay, indices in kernel_groups.items():
         scalars = scalars_by_dtype[jnp.dtype(jnp.float32)]
-        width = torch_cpu_vector_width(jnp.float32)
-        tails = [_tail_positions(layouts[i], param_leaves[i].size, param_leaves[i].size % width) for i in indices]
         leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
                   for i in indices]
         out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
-                              tails, b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay, amsgrad=amsgrad)
+                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay, amsgrad=amsgrad)
         for i, leaf_out in zip(indices, out):
             results[i] = leaf_out
 
@@ -406,6 +443,7 @@ def adamw(
     mask: MaskOrFn = None,
     decay_rounding: str = "torch",
     torch_layout: Any | None = None,
+    scalar_tail: Any | None = None,
     kernel: str = "auto",
 ) -> optax.GradientTransformation:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
@@ -452,6 +490,9 @@ def adamw(
         torch tensor (``crosscheck.convert.torch_layout`` builds it).  It picks
         the elements that get the rounding of torch's scalar tail (the last
         ``numel % width`` in torch's order); the math is the same either way.
+      scalar_tail: the same choice made explicitly: a pytree like the params
+        of int arrays, the flat positions that get the tail's rounding (e.g.
+        each tensor's tail inside a flat buffer: ``jax_impl.flat``).
       kernel: ``"xla"`` computes the step with XLA ops (any backend, shards
         without communication); ``"cpu"`` sends float32 leaves to a one-pass
         C++ kernel through ``jax.ffi`` (built on first use; ~3x less memory
@@ -480,7 +521,8 @@ def adamw(
         torch_layout = jax.tree.map(_validate_order, torch_layout)
     options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
                    weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
-                   mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, kernel=kernel)
+                   mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
+                   kernel=kernel)
 
     def init_fn(params: optax.Params) -> AdamWState:
         _check_params(params)
