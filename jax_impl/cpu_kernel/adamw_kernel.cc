@@ -29,13 +29,14 @@ namespace {
 constexpr int64_t kParallelMin = int64_t{1} << 17;  // fewer elements in all: one thread
 constexpr int64_t kChunk = int64_t{1} << 16;        // elements per work item
 
-struct Options;
-Options MakeOptions(float weight, float b2, float eps, bool maximize, bool decay);
-
 struct Options {
-  float b2, coefficient2, weight, eps;
+  float b2, coefficient2, weight, eps;  // weight: float32(1 - b1); coefficient2: float32(1 - b2)
   bool maximize, decay, lerp_small;
 };
+
+Options MakeOptions(float weight, float b2, float coefficient2, float eps, bool maximize, bool decay) {
+  return Options{b2, coefficient2, weight, eps, maximize, decay, std::fabs(weight) < 0.5f};
+}
 
 // -0.0, or the NaN XLA's -min(|g|, 0) gives for a NaN gradient.
 inline float NegZero(float g) {
@@ -209,8 +210,7 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
     leaves[l].p = out[0], leaves[l].g = in[1], leaves[l].m = out[1], leaves[l].v = out[2];
     leaves[l].x = amsgrad ? out[3] : nullptr;
   }
-  Options o = MakeOptions(weight, b2, eps, maximize, decay);
-  o.coefficient2 = coefficient2;
+  const Options o = MakeOptions(weight, b2, coefficient2, eps, maximize, decay);
   const Scalars s{scalars.typed_data()[0], scalars.typed_data()[1], scalars.typed_data()[2]};
   if (amsgrad) {
     Step<true>(std::move(leaves), s, o, tail_offsets.begin(), tails.begin(), &pool);
@@ -218,17 +218,6 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
     Step<false>(std::move(leaves), s, o, tail_offsets.begin(), tails.begin(), &pool);
   }
   return ffi::Error::Success();
-}
-
-Options MakeOptions(float weight, float b2, float eps, bool maximize, bool decay) {
-  Options o;
-  o.b2 = b2;
-  o.weight = weight;  // float32(1 - b1)
-  o.eps = eps;
-  o.maximize = maximize;
-  o.decay = decay;
-  o.lerp_small = std::fabs(o.weight) < 0.5f;
-  return o;
 }
 
 }  // namespace
