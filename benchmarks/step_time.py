@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax_impl  # noqa: E402
 import torch_impl  # noqa: E402
 
+BANDWIDTH = "(bandwidth kernel)"
 BYTES_PER_PARAM = {"float32": 28, "bfloat16": 14, "float16": 14, "float64": 56}
 
 
@@ -182,23 +183,26 @@ def bandwidth_kernel(n: int, dtype: str, device: str) -> tuple[Callable[[], None
     return run, 4 * n * a.element_size()
 
 
-def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int, warmup: int = 2):
-    times = {b.name: [] for b in benches}
-    stream = []
+def interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, in rounds of all of them, rotated (A B C, B C A, ...) after warm-up."""
     for _ in range(warmup):
-        for b in benches:
-            b.step()
-        bandwidth()
+        for fn in steps.values():
+            fn()
+    names = list(steps)
+    times = {name: [] for name in names}
     for r in range(repeats):
-        order = benches[r % len(benches):] + benches[:r % len(benches)]  # rotate: A B C, B C A, ...
-        for b in order:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             started = time.perf_counter()
-            b.step()
-            times[b.name].append((time.perf_counter() - started) / b.steps_per_call)
-        started = time.perf_counter()
-        bandwidth()
-        stream.append(time.perf_counter() - started)
-    return times, stream
+            steps[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int):
+    """Per-step seconds of each implementation, and of the bandwidth kernel, measured in the same rounds."""
+    times = interleaved({**{b.name: b.step for b in benches}, BANDWIDTH: bandwidth}, repeats)
+    stream = times.pop(BANDWIDTH)
+    return {b.name: [t / b.steps_per_call for t in times[b.name]] for b in benches}, stream
 
 
 def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dtype: str, repeats: int,

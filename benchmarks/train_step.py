@@ -4,7 +4,7 @@
 
 Both frameworks train the same model from the same weights on the same random
 batches (CIFAR-10 shaped; the step's time does not depend on the pixels).
-Rounds are interleaved (torch, Flax, torch, ...); the median over rounds is
+Rounds are interleaved (torch, Flax, torch, ..., as in step_time.py); the median over rounds is
 reported with the interquartile range, and the optimizer's share of the step:
 the time of the optimizer step alone (``torch_impl.AdamW(fused)`` /
 ``jax_impl.adamw`` jitted) over the whole step's.
@@ -16,8 +16,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
+
+# First: step_time sets GOMP_SPINCOUNT before torch (and its OpenMP) loads; see there.
+from step_time import interleaved
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +33,6 @@ import jax_impl  # noqa: E402
 import torch_impl  # noqa: E402
 from crosscheck import convert, models  # noqa: E402
 from crosscheck.training import FlaxRun, TorchRun  # noqa: E402
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def run(batch_sizes: list[int], repeats: int) -> list[dict]:
@@ -64,14 +60,7 @@ def run(batch_sizes: list[int], repeats: int) -> list[dict]:
 
         steps = {"torch step": lambda: torch_run.train_step(x, y), "flax step": lambda: flax_run.train_step(x, y),
                  "torch optimizer": torch_opt, "flax optimizer": flax_opt}
-        for fn in steps.values():  # warm-up and compilation
-            fn()
-            fn()
-        times = {k: [] for k in steps}
-        keys = list(steps)
-        for r in range(repeats):
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                times[k].append(_timed(steps[k]))
+        times = interleaved(steps, repeats)  # two warm-up rounds compile the JAX steps
         med = {k: statistics.median(v) for k, v in times.items()}
         iqr = {k: np.subtract(*np.percentile(v, [75, 25])) for k, v in times.items()}
         for framework in ("torch", "flax"):

@@ -134,9 +134,7 @@ def _read_archive(archive: Path) -> dict[str, bytes]:
                 if handle is None:
                     raise DataError(f"{archive}: {member} is not a regular file")
                 out[f"{archive}:{member}"] = handle.read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        if isinstance(err, DataError):
-            raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # DataError passes through
         raise DataError(f"{archive}: truncated or corrupt archive ({type(err).__name__}: {err}); "
                         f"delete it and download it again (md5 {ARCHIVE_MD5})") from None
     return out

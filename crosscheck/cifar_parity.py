@@ -47,6 +47,7 @@ from flax import nnx
 import jax_impl
 import torch_impl
 from crosscheck import cifar10, convert, models
+from crosscheck.metrics import distance
 from crosscheck.training import FlaxRun, TorchRun
 
 MODES = ("independent", "shared-grads")
@@ -135,10 +136,14 @@ def build_runs(cfg: Config) -> tuple[TorchRun, list, list[TorchRun]]:
     return baseline, flax_runs, replicas
 
 
-def _divergence(run, baseline) -> dict[str, float]:
-    ref = baseline.params_torch()
+def _divergence(params: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per layer, |p - p_torch| / |p_torch| (L2)."""
     return {name: float(np.linalg.norm(x - ref[name]) / max(np.linalg.norm(ref[name]), 1e-30))
-            for name, x in run.params_torch().items()}
+            for name, x in params.items()}
+
+
+def _max_ulps(params: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> int:
+    return max(int(distance(x, ref[name]).max_ulps) for name, x in params.items())
 
 
 def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
@@ -177,17 +182,23 @@ def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
                     result.step_loss["jax_impl.adamw (Flax forward)"].append(flax.loss(x, y))
                     loss = baseline.train_step(x, y)
                     flax.step_with(baseline.grads())
-                    result.shared_max_ulps.append(_max_ulps(flax, baseline))
                     losses = {baseline.name: loss, flax.name: loss}
                 else:
                     losses = {r.name: r.train_step(x, y) for r in everyone}
                 for name, loss in losses.items():
                     result.step_loss[name].append(loss)
                     train_losses[name].append(loss)
-                if step <= 10 or step % cfg.divergence_every == 0 or step == total:
+                record_divergence = step <= 10 or step % cfg.divergence_every == 0 or step == total
+                if cfg.mode == "shared-grads" or record_divergence:
+                    # Each run's parameters in torch's layout, converted once for this step.
+                    ref = baseline.params_torch()
+                    params = {r.name: r.params_torch() for r in others}
+                if cfg.mode == "shared-grads":
+                    result.shared_max_ulps.append(_max_ulps(params[flax_runs[0].name], ref))
+                if record_divergence:
                     result.divergence_steps.append(step)
                     for r in others:
-                        for layer, value in _divergence(r, baseline).items():
+                        for layer, value in _divergence(params[r.name], ref).items():
                             result.divergence.setdefault(r.name, {}).setdefault(layer, []).append(value)
                 if bar is not None:
                     bar.update()
@@ -208,13 +219,6 @@ def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
     return result
 
 
-def _max_ulps(flax: FlaxRun, baseline: TorchRun) -> int:
-    from crosscheck.metrics import distance
-
-    ref = baseline.params_torch()
-    return max(int(distance(x, ref[name]).max_ulps) for name, x in flax.params_torch().items())
-
-
 def _checks(cfg: Config, result: Result, baseline: str, candidates: Sequence[str], replicas: Sequence[str],
             n_test: int) -> list[dict]:
     checks = [{"check": "logits before training", "value": result.logit_gap, "bound": 1e-5,
@@ -226,32 +230,39 @@ def _checks(cfg: Config, result: Result, baseline: str, candidates: Sequence[str
                        "pass": worst == 0, "first_failing_step": first})
         return checks
     base_loss = np.asarray(result.step_loss[baseline])
-    for name in candidates:
-        early = min(cfg.early_steps, len(base_loss))
+    early = min(cfg.early_steps, len(base_loss))
+
+    def early_gap(name: str) -> float:
+        """Largest relative loss gap to torch over the first ``early`` steps."""
         gap = np.abs(np.asarray(result.step_loss[name][:early]) - base_loss[:early]) / np.abs(base_loss[:early])
-        replica_early = max((float(np.max(np.abs(np.asarray(result.step_loss[r][:early]) - base_loss[:early])
-                                          / np.abs(base_loss[:early]), initial=0.0)) for r in replicas), default=0.0)
-        checks.append({"check": f"{name}: loss of steps 1-{early} (relative)", "value": float(np.max(gap, initial=0)),
-                       "bound": cfg.early_tol, "replicas": replica_early,
-                       "pass": bool(np.max(gap, initial=0) <= cfg.early_tol)})
-        for metric in ("train_loss", "test_loss", "accuracy"):
-            worst = None
-            for record in result.epochs:
-                # The spread of torch against itself: every pair among the
-                # baseline and its replicas (more samples than replica-vs-baseline).
-                torch_runs = [baseline, *replicas]
-                band = max(abs(record[a][metric] - record[b][metric])
-                           for i, a in enumerate(torch_runs) for b in torch_runs[i + 1:])
+        return float(np.max(gap, initial=0.0))
+
+    # The spread of torch against itself, per epoch and metric: every pair among
+    # the baseline and its replicas (more samples than replica-vs-baseline).
+    torch_runs = [baseline, *replicas]
+    metrics = ("train_loss", "test_loss", "accuracy")
+    bands = [{metric: max(abs(record[a][metric] - record[b][metric])
+                          for i, a in enumerate(torch_runs) for b in torch_runs[i + 1:]) for metric in metrics}
+             for record in result.epochs]
+    replica_early = max((early_gap(r) for r in replicas), default=0.0)
+    for name in candidates:
+        gap = early_gap(name)
+        checks.append({"check": f"{name}: loss of steps 1-{early} (relative)", "value": gap,
+                       "bound": cfg.early_tol, "replicas": replica_early, "pass": gap <= cfg.early_tol})
+        for metric in metrics:
+            entries = []
+            for record, band_of in zip(result.epochs, bands):
+                band = band_of[metric]
                 gap = abs(record[name][metric] - record[baseline][metric])
                 # Before chaos has grown the band is tiny; a gap as small as the
                 # early agreement (or one test image) is fine at any time.
                 floor = 1.0 / n_test if metric == "accuracy" else cfg.early_tol * abs(record[baseline][metric])
                 bound = cfg.band_factor * band + floor
                 position = gap / band if band > 0 else math.inf if gap > 0 else 0.0
-                entry = {"epoch": record["epoch"], "gap": gap, "band": band, "bound": bound,
-                         "position": position, "pass": gap <= bound}
-                if worst is None or (not entry["pass"], gap - bound) > (not worst["pass"], worst["gap"] - worst["bound"]):
-                    worst = entry
+                entries.append({"epoch": record["epoch"], "gap": gap, "band": band, "bound": bound,
+                                "position": position, "pass": gap <= bound})
+            # The epoch closest to failing (or failing by most).
+            worst = max(entries, key=lambda e: (not e["pass"], e["gap"] - e["bound"]))
             checks.append({"check": f"{name}: {metric} gap inside {cfg.band_factor:g}x the replica band",
                            "value": worst["gap"], "bound": worst["bound"], "band": worst["band"],
                            "epoch": worst["epoch"], "position": worst["position"], "pass": worst["pass"]})

@@ -236,13 +236,15 @@ def _torch_to_flat(state_dict: Mapping[str, Any], layers: Sequence[Layer]) -> di
     required = {name for name, _, key, _ in entries if key != "bias"}
     optional = {name for name, _, key, _ in entries if key == "bias" and name in state_dict}
     _check_keys(set(state_dict) - torch_only, required | optional, "torch state_dict")
-    flat = {}
-    for name, layer, key, flax_key in entries:
-        if name in state_dict:
-            x = as_numpy(state_dict[name])
-            _expected_torch_shape(layer, key, x.shape)
-            flat[flax_key] = _array_to_flax(layer, key, x)
-    return flat
+    return {flax_key: _to_flax(layer, key, state_dict[name])
+            for name, layer, key, flax_key in entries if name in state_dict}
+
+
+def _to_flax(layer: Layer, key: str, tensor) -> np.ndarray:
+    """One torch array in its Flax layout, after checking it can be the ``key`` of ``layer``."""
+    x = as_numpy(tensor)
+    _expected_torch_shape(layer, key, x.shape)
+    return _array_to_flax(layer, key, x)
 
 
 def _flat_to_torch(flat: Mapping[Path, Any], layers: Sequence[Layer],
@@ -358,8 +360,11 @@ def _param_entries(layers: Sequence[Layer], names: Sequence[str]):
 
 def params_to_flax(named: Mapping[str, Any], layers: Sequence[Layer]) -> dict:
     """Parameter-shaped torch tensors (weights, gradients, moments) by torch name -> the Flax params tree."""
-    entries = _param_entries(layers, list(named))
-    return _nest({path: _array_to_flax(layer, key, as_numpy(named[name])) for _, name, layer, key, path in entries})
+    return _nest(_params_to_flax_flat(named, layers))
+
+
+def _params_to_flax_flat(named: Mapping[str, Any], layers: Sequence[Layer]) -> dict[Path, np.ndarray]:
+    return {path: _to_flax(layer, key, named[name]) for _, name, layer, key, path in _param_entries(layers, list(named))}
 
 
 def torch_layout(model: torch.nn.Module, layers: Sequence[Layer]) -> dict:
@@ -402,30 +407,27 @@ def torch_optimizer_to_jax(optimizer_state: Mapping, layers: Sequence[Layer], na
     if extra:
         raise ConversionError(f"optimizer state: extra parameter indices {sorted(extra)} "
                               f"(the optimizer has {len(names)} parameters)")
-    entries = list(_param_entries(layers, names))
-    if not state:  # a fresh optimizer: torch creates state at the first step
-        count, moments = 0, {m: {} for m in _MOMENTS}
-    else:
-        steps, moments = {}, {m: {} for m in _MOMENTS}
-        for index, name, layer, key, path in entries:
+    entries = list(_param_entries(layers, names))  # every name in the table, before anything else
+    moments = {m: {} for m in _MOMENTS}
+    count = 0  # a fresh optimizer: torch creates state at the first step
+    if state:
+        for index, name in enumerate(names):
             if index not in state:
                 raise ConversionError(f"optimizer state: parameter {index} ({name!r}) has no AdamW state while "
                                       "others do; jax_impl.adamw keeps one step count for all parameters")
-            entry = state[index]
-            for moment in _MOMENTS:
-                if moment in entry:
-                    x = as_numpy(entry[moment])
-                    _expected_torch_shape(layer, key, x.shape)
-                    moments[moment][path] = _array_to_flax(layer, key, x)
-                elif moment != "max_exp_avg_sq":
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment not in state[index]:
                     raise ConversionError(f"optimizer state: parameter {index} ({name!r}) has no {moment!r}")
-            steps[name] = float(as_numpy(entry["step"]))
+        steps = {name: float(as_numpy(state[i]["step"])) for i, name in enumerate(names)}
         if len(set(steps.values())) != 1 or not float(next(iter(steps.values()))).is_integer():
             raise ConversionError(f"optimizer state: per-parameter steps {steps} are not one integer count")
         count = int(next(iter(steps.values())))
         has_max = {name for (i, name, *_) in entries if "max_exp_avg_sq" in state[i]}
         if has_max and len(has_max) != len(entries):
             raise ConversionError(f"optimizer state: max_exp_avg_sq (amsgrad) for {sorted(has_max)} only")
+        present = _MOMENTS if has_max else _MOMENTS[:2]
+        moments.update({m: _params_to_flax_flat({name: state[i][m] for i, name in enumerate(names)}, layers)
+                        for m in present})
     if params is not None and state:
         template = _moment_tree(params)
         _check_keys(moments["exp_avg"], template, "optimizer state")

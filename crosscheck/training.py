@@ -73,9 +73,11 @@ class FlaxRun:
         self.seconds = 0.0
         exact = getattr(tx.update, "exact_step", None) is not None
 
+        def forward(params, x):
+            return nnx.merge(self.graphdef, params)(x)
+
         def loss_fn(params, x, y):
-            logits = nnx.merge(self.graphdef, params)(x)
-            return models.flax_cross_entropy(logits, y), logits
+            return models.flax_cross_entropy(forward(params, x), y)
 
         def apply(grads, params, opt_state):
             if exact:
@@ -84,14 +86,14 @@ class FlaxRun:
             return optax.apply_updates(params, updates), opt_state
 
         def train_step(params, opt_state, x, y):
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
             params, opt_state = apply(grads, params, opt_state)
             return params, opt_state, loss
 
         self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
         self._apply = jax.jit(apply, donate_argnums=(1, 2))
-        self._logits = jax.jit(lambda params, x: loss_fn(params, x, jnp.zeros(x.shape[0], jnp.int32))[1])
-        self._loss = jax.jit(lambda params, x, y: loss_fn(params, x, y)[0])
+        self._logits = jax.jit(forward)
+        self._loss = jax.jit(loss_fn)
 
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
         started = time.perf_counter()
