@@ -69,6 +69,9 @@ class _StepScalars(NamedTuple):
     lr_wd: jax.Array  # lr * weight_decay, for decay_rounding="precise"
     step_size_neg: jax.Array  # -lr / (1 - b1**t)
     bias_correction2_sqrt: jax.Array  # sqrt(1 - b2**t)
+    # nesterov=True only (optax's formula, not torch's): -lr * b1 / (1 - b1**(t+1)) and -lr * (1 - b1) / (1 - b1**t).
+    nesterov_m: jax.Array | None = None
+    nesterov_g: jax.Array | None = None
 
 
 def _is_traced(value) -> bool:
@@ -81,9 +84,12 @@ def _concrete_hyperparameter(value):
     ``optax.inject_hyperparams`` passes its hyperparameters as arrays: concrete
     ones in ``init`` or outside ``jax.jit``, traced ones inside it.
     """
-    if _is_traced(value) or callable(value):
+    if callable(value):
         return value
-    return float(value)
+    if _is_traced(value):
+        # inject_hyperparams gives complex hyperparameters for complex params; their value is real.
+        return jnp.real(value) if jnp.issubdtype(value.dtype, jnp.complexfloating) else value
+    return float(np.real(value))
 
 
 def _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
@@ -115,14 +121,111 @@ def torch_cpu_vector_width(dtype) -> int:
     return TORCH_CPU_VECTOR_BYTES // jnp.dtype(dtype).itemsize
 
 
-def _check_params(params: optax.Params) -> None:
+def _dtype_of(leaf) -> jnp.dtype:
+    # A jax.ShapeDtypeStruct (init under jax.eval_shape, abstract params) has a dtype but no array.
+    return jnp.dtype(leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else jnp.result_type(leaf)
+
+
+def _check_params(params: optax.Params, mu_dtype=None) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.floating):
+        where = jax.tree_util.keystr(path) or "<root>"
+        dtype = _dtype_of(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"adamw: parameter {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; "
-                "AdamW needs floating-point parameters (float16, bfloat16, float32, float64)"
+                f"adamw: parameter {where} has dtype {dtype}; AdamW needs floating-point parameters "
+                "(float16, bfloat16, float32, float64) or complex ones (complex64, complex128)"
             )
+        if mu_dtype is not None and jnp.issubdtype(mu_dtype, jnp.complexfloating) != jnp.issubdtype(
+                dtype, jnp.complexfloating):
+            raise TypeError(
+                f"adamw: mu_dtype={mu_dtype} cannot hold the first moment of parameter {where} ({dtype}): "
+                "complex parameters need a complex mu_dtype and real ones a real one"
+            )
+
+
+def _is_complex(leaf) -> bool:
+    return jnp.issubdtype(_dtype_of(leaf), jnp.complexfloating)
+
+
+def _real_view(x):
+    """torch.view_as_real: a complex array as real pairs in a trailing axis of 2."""
+    return jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1) if x is not None and _is_complex(x) else x
+
+
+def _from_real_view(x, dtype):
+    return jax.lax.complex(x[..., 0], x[..., 1]).astype(dtype)
+
+
+def _cast_grads(grads: optax.Updates, params: optax.Params) -> optax.Updates:
+    """Gradients in the params' dtypes, as optax casts them (float32 grads for bfloat16 params, ...).
+
+    Only floating to floating (or complex) casts: an integer gradient, or a
+    complex one for a real parameter, is refused with the parameter's path.
+    """
+    if jax.tree.structure(grads) != jax.tree.structure(params):
+        return grads  # _check_grads names both trees
+    def cast(path, g, p):
+        g_dtype, p_dtype = jnp.result_type(g), jnp.result_type(p)
+        if g_dtype == p_dtype:
+            return g
+        if not jnp.issubdtype(g_dtype, jnp.inexact) or (
+                jnp.issubdtype(g_dtype, jnp.complexfloating) and not jnp.issubdtype(p_dtype, jnp.complexfloating)):
+            raise TypeError(
+                f"adamw: gradient for parameter {jax.tree_util.keystr(path) or '<root>'} has dtype {g_dtype}, "
+                f"which cannot be cast to the parameter's dtype {p_dtype}"
+            )
+        return jnp.asarray(g).astype(p_dtype)
+    return jax.tree_util.tree_map_with_path(cast, grads, params)
+
+
+def _check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: bool) -> None:
+    """Refuses a state whose moments do not mirror the params (XLA would broadcast them silently)."""
+    if not isinstance(state, AdamWState):
+        raise TypeError(f"adamw: state must be the AdamWState made by init, got {type(state).__name__}")
+    treedef = jax.tree.structure(params)
+    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    fields = [("exp_avg", mu_dtype), ("exp_avg_sq", None)] + ([("max_exp_avg_sq", None)] if amsgrad else [])
+    for field, field_dtype in fields:
+        tree = getattr(state, field)
+        try:
+            leaves = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"adamw: state.{field} does not match the parameter tree: {err}") from None
+        for where, leaf, p in zip(paths, leaves, jax.tree.leaves(params)):
+            if leaf is None or jnp.shape(leaf) != jnp.shape(p):
+                raise ValueError(f"adamw: state.{field} for parameter {where} has shape "
+                                 f"{None if leaf is None else jnp.shape(leaf)}, the parameter has shape {jnp.shape(p)}")
+            expected = jnp.dtype(field_dtype or jnp.result_type(p))
+            if jnp.result_type(leaf) != expected:
+                raise TypeError(f"adamw: state.{field} for parameter {where} has dtype {jnp.result_type(leaf)}, "
+                                f"expected {expected}")
+
+
+def _conventions_step(grads, state: AdamWState, params, **options):
+    """:func:`_adamw_step` behind optax's conventions: grads cast to the params' dtypes, the state checked, an
+    empty tree, complex params as torch treats them (``torch.view_as_real``: each real and imaginary part is a
+    parameter of its own)."""
+    if params is None:
+        raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
+    grads = _cast_grads(grads, params)
+    _check_grads(grads, params)
+    _check_state(state, params, options["mu_dtype"], options["amsgrad"])
+    if not jax.tree.leaves(params):
+        return params, state._replace(count=optax.safe_increment(state.count))
+    if not any(_is_complex(p) for p in jax.tree.leaves(params)):
+        return _adamw_step(grads, state, params, **options)
+    # The mask is resolved on the complex params (a callable may look at their ndim).
+    mask, mu_dtype = options["mask"], options["mu_dtype"]
+    options = dict(options, mask=mask(params) if callable(mask) else mask,
+                   mu_dtype=None if mu_dtype is None else jnp.finfo(mu_dtype).dtype)  # complex64 -> float32
+    real = lambda tree: jax.tree.map(_real_view, tree)  # noqa: E731
+    moments = [state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq]
+    new_params, new_state = _adamw_step(real(grads), AdamWState(state.count, *map(real, moments)), real(params),
+                                        **options)
+    back = lambda new, old: _from_real_view(new, old.dtype) if _is_complex(old) else new  # noqa: E731
+    new_moments = [None if old is None else jax.tree.map(back, new, old)
+                   for new, old in zip(new_state[1:], moments)]
+    return jax.tree.map(back, new_params, params), AdamWState(new_state.count, *new_moments)
 
 
 def _check_grads(grads: optax.Updates, params: optax.Params) -> None:
@@ -221,6 +324,14 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
                             bias_correction2_sqrt.astype(dtype))
 
 
+def _nesterov_scalars(scalars: _StepScalars, b1, t, dtype) -> _StepScalars:
+    """Adds optax's Nesterov coefficients (``scale_by_adam(nesterov=True)``), in ``dtype`` arithmetic as optax's."""
+    beta1, t = _as_scalar(b1, dtype), t.astype(dtype)
+    ratio = (1 - beta1 ** t) / (1 - beta1 ** (t + 1))  # bias correction of step t over that of step t + 1
+    return scalars._replace(nesterov_m=scalars.step_size_neg * beta1 * ratio,
+                            nesterov_g=scalars.step_size_neg * (1 - beta1))
+
+
 def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _StepScalars:
     """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``."""
     if any(_is_traced(x) for x in (learning_rate, b1, b2, weight_decay)):
@@ -272,7 +383,7 @@ def _one_minus(beta, dtype):
 
 
 def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _StepScalars, *,
-                  b1, b2, eps, decay, decay_rounding, amsgrad, maximize, tail):
+                  b1, b2, eps, decay, decay_rounding, amsgrad, maximize, tail, mu_dtype=None):
     """One kernel pass over a leaf; ``tail`` is False (vector formula), True (scalar) or a mask of the scalar's elements.
 
     Returns new (param, exp_avg, exp_avg_sq, max_exp_avg_sq).
@@ -332,10 +443,13 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
             jnp.where(tail, scalar_max, vector_max)
         v_for_denom = new_max
     denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + _as_scalar(eps, opmath)
-    p = p + (scalars.step_size_neg * m) / denom
+    if scalars.nesterov_m is not None:
+        p = p + (scalars.nesterov_m * m + scalars.nesterov_g * g) / denom
+    else:
+        p = p + (scalars.step_size_neg * m) / denom
 
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
-    return cast(p), cast(m), cast(v), cast(new_max)
+    return cast(p), m.astype(mu_dtype or dtype), cast(v), cast(new_max)
 
 
 def _tail_positions(layout: np.ndarray | None, size: int, tail_size: int) -> np.ndarray:
@@ -438,7 +552,8 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
-                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel):
+                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, mu_dtype=None,
+                nesterov=False):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
@@ -464,8 +579,11 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
         opmath = _opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+            if nesterov:
+                scalars_by_dtype[opmath] = _nesterov_scalars(scalars_by_dtype[opmath], b1, t, opmath)
         decay = decay_on and (_is_traced(weight_decay) or weight_decay != 0)
-        if use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch":
+        if (use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch" and not nesterov
+                and m.dtype == jnp.float32):
             if p.size:
                 kernel_groups.setdefault(decay, []).append(i)
             else:
@@ -473,7 +591,7 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
             continue
         results[i] = _leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps, decay=decay,
                                 decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,
-                                tail_positions=tail_positions)
+                                tail_positions=tail_positions, mu_dtype=mu_dtype)
     for decay, indices in kernel_groups.items():
         scalars = scalars_by_dtype[jnp.dtype(jnp.float32)]
         leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
@@ -508,9 +626,10 @@ def _validate_order(order) -> np.ndarray:
 
 
 def _update_dtype(dtype) -> jnp.dtype:
-    # Half-precision params get float32 updates: p + (p_new - p) is then exact in
-    # float32, so optax.apply_updates lands on p_new bit for bit.
-    return _opmath_dtype(dtype) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+    # optax's convention: updates have the params' dtype (lax.cond around
+    # tx.update and optax's dtype checks rely on it).  For bfloat16/float16
+    # params p + (p_new - p) then rounds twice; apply_exact is exact.
+    return jnp.dtype(dtype)
 
 
 def adamw(
@@ -527,7 +646,9 @@ def adamw(
     torch_layout: Any | None = None,
     scalar_tail: Any | None = None,
     kernel: str = "auto",
-) -> optax.GradientTransformation:
+    mu_dtype: Any | None = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
 
     Defaults are torch's (``weight_decay=1e-2``; optax's ``adamw`` uses 1e-4).
@@ -603,22 +724,32 @@ def adamw(
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
     if torch_layout is not None:
         torch_layout = jax.tree.map(_validate_order, torch_layout)
-    options = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad), maximize=bool(maximize),
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.inexact):
+        raise ValueError(f"Invalid mu_dtype: {mu_dtype} (mu_dtype must be a floating or complex dtype)")
+    options = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                   mu_dtype=mu_dtype, nesterov=bool(nesterov), amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
                    kernel=kernel)
 
-    def init_fn(params: optax.Params) -> AdamWState:
-        _check_params(params)
+    def zeros_like(p, dtype=None):
+        if isinstance(p, jax.ShapeDtypeStruct):  # as optax's init accepts it
+            return jnp.zeros(p.shape, dtype or p.dtype, device=p.sharding)
         # shard_alike: each moment takes its parameter's sharding, also when
         # init runs under jax.jit (plain zeros_like would land on one device).
-        zeros = lambda: jax.tree.map(lambda p: shard_alike(jnp.zeros_like(p), p)[0], params)  # noqa: E731
-        return AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(), exp_avg_sq=zeros(),
+        return shard_alike(jnp.zeros_like(p, dtype), p)[0]
+
+    def init_fn(params: optax.Params) -> AdamWState:
+        _check_params(params, mu_dtype)
+        zeros = lambda dtype=None: jax.tree.map(lambda p: zeros_like(p, dtype), params)  # noqa: E731
+        return AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(mu_dtype), exp_avg_sq=zeros(),
                           max_exp_avg_sq=zeros() if amsgrad else None)
 
     def step_fn(grads, state, params):
-        return _adamw_step(grads, state, params, **options)
+        return _conventions_step(grads, state, params, **options)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # optax.GradientTransformationExtraArgs: extra arguments are for other transformations
         new_params, new_state = step_fn(updates, state, params)
         def delta(new, old):
             dtype = _update_dtype(old.dtype)
@@ -628,7 +759,7 @@ def adamw(
         return deltas, new_state
 
     update_fn.exact_step = step_fn
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: AdamWState,

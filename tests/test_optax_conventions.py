@@ -38,7 +38,7 @@ def _cosine_lr(t, steps):
 
 
 def _run_injected_against_torch(steps, injected):
-    """Injected (traced) hyperparameters under jit vs torch with the same floats; lr changes every 50 steps.
+    """Injected (traced) hyperparameters under jit vs torch with the same floats; lr changes every 25 steps.
 
     Returns the largest absolute param difference over the run and the final fraction of differing elements.
     """
@@ -53,7 +53,7 @@ def _run_injected_against_torch(steps, injected):
     state = jax_impl.adamw().init(params)
     worst = 0.0
     for t in range(steps):
-        if t % 50 == 0:
+        if t % 25 == 0:
             hyper["learning_rate"] = _cosine_lr(t, steps)
             opt.param_groups[0]["lr"] = float(hyper["learning_rate"])
         grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
@@ -110,9 +110,9 @@ def test_injected_hyperparameters_bitwise_with_torch(injected):
 
     The per-step scalars are computed in double in the graph (scoped x64) as
     torch does on the host; a traced beta's ``1 - beta**t`` uses XLA's double
-    pow, equal to libm's after rounding here over all 400 steps (and 3000 measured).
+    pow, equal to libm's after rounding here over all 200 steps (and 3000 measured).
     """
-    worst, differing = _run_injected_against_torch(400, injected)
+    worst, differing = _run_injected_against_torch(200, injected)
     assert worst == 0.0 and differing == 0.0
 
 
@@ -124,6 +124,214 @@ def test_injected_hyperparameters_float32_scalars_gap(monkeypatch):
     elements, the same after 500 as after 3000 steps (no growth).  Bound: 2x.
     """
     monkeypatch.setattr(_adamw, "_scalar_arithmetic_dtype", lambda: jnp.dtype(jnp.float32))
-    worst, differing = _run_injected_against_torch(300, tuple(HYPER))
+    worst, differing = _run_injected_against_torch(150, tuple(HYPER))
     assert 0.0 < worst <= 2 * 2.4e-7, worst
     assert differing < 0.5, differing
+
+
+# --- 2. updates have the params' dtype; apply_exact stays exact ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_updates_have_the_params_dtype(dtype):
+    params = {"w": jnp.linspace(-1, 1, 9, dtype=dtype)}
+    tx = jax_impl.adamw(1e-2)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert updates["w"].dtype == dtype
+    # lax.cond around tx.update needs both branches to agree on dtypes.
+    updates, _ = jax.jit(lambda g, s, p: jax.lax.cond(True, lambda: tx.update(g, s, p),
+                                                      lambda: (p, s)))(grads, state, params)
+    assert updates["w"].dtype == dtype
+    # The exact path returns torch's params themselves (not p + update).
+    new_params, _ = jax_impl.apply_exact(tx, grads, state, params)
+    torch_param = torch.tensor(np.asarray(params["w"], np.float32)).to(getattr(torch, jnp.dtype(dtype).name))
+    torch_param.requires_grad_(True)
+    torch_param.grad = torch.ones_like(torch_param)
+    torch.optim.AdamW([torch_param], lr=1e-2, fused=True).step()
+    np.testing.assert_array_equal(np.asarray(new_params["w"], np.float32),
+                                  torch_param.detach().float().numpy())
+
+
+# --- 3. complex params as torch treats them (view_as_real) -------------------------------------------------------
+
+def _complex_run(steps, amsgrad):
+    """Our complex64 params vs torch: fused on the real view, and the for-loop on the complex tensor itself."""
+    rng = np.random.default_rng(3)
+    shapes = [(9,), (2, 3), ()]  # real views of 18, 12 and 2 elements: tails of 2, 4 and 2
+    initial = [np.asarray(rng.standard_normal(s) + 1j * rng.standard_normal(s), np.complex64) for s in shapes]
+    params = [jnp.asarray(p) for p in initial]
+    tx = jax_impl.adamw(1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    fused = [torch.tensor(p.copy()) for p in initial]
+    fused_real = [torch.view_as_real(t).requires_grad_(True) for t in fused]
+    loop = [torch.tensor(p.copy(), requires_grad=True) for p in initial]
+    opt_fused = torch.optim.AdamW(fused_real, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+    opt_loop = torch.optim.AdamW(loop, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+    for _ in range(steps):
+        grads = [np.asarray(rng.standard_normal(s) + 1j * rng.standard_normal(s), np.complex64) for s in shapes]
+        for real_view, tensor, g in zip(fused_real, loop, grads):
+            real_view.grad = torch.view_as_real(torch.from_numpy(g.copy()))
+            tensor.grad = torch.from_numpy(g.copy())
+        opt_fused.step()
+        opt_loop.step()
+        params, state = step([jnp.asarray(g) for g in grads], state, params)
+    return params, state, fused_real, opt_fused, loop
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_complex_params_bitwise_with_torch_fused_on_the_real_view(amsgrad):
+    params, state, fused_real, opt_fused, loop = _complex_run(100, amsgrad)
+    for ours, m, v, theirs in zip(params, state.exp_avg, state.exp_avg_sq, fused_real):
+        assert ours.dtype == jnp.complex64 and m.dtype == jnp.complex64
+        torch_state = opt_fused.state[theirs]
+        for mine, other in ((ours, theirs.detach()), (m, torch_state["exp_avg"]), (v, torch_state["exp_avg_sq"])):
+            np.testing.assert_array_equal(bits(np.asarray(jax_impl._adamw._real_view(jnp.asarray(mine)))),
+                                          bits(other.numpy()))
+    # torch's for-loop on the complex tensors (view_as_real inside) rounds
+    # differently from its fused kernel (torch.sqrt and separate ops, see the
+    # README): measured after 100 and 200 steps, at most 1.2e-7 (1 ulp at magnitude
+    # < 2) in ~20% of the components, bounded.  Bound: 2 ulp at magnitude 2.
+    for ours, theirs in zip(params, loop):
+        difference = np.abs(np.asarray(jax_impl._adamw._real_view(ours), np.float64)
+                            - torch.view_as_real(theirs.detach()).numpy())
+        assert np.max(difference, initial=0.0) <= 2 * 2.0**-22
+
+
+def test_complex_optimization_converges_like_optax():
+    """optax's alias_test target: a complex parabola, gradients conjugated as optax documents."""
+    target = jnp.array([1.0, -1.0, 1.0], jnp.complex64) * (1 + 1j)
+    objective = lambda p: jnp.sum(jnp.abs(p - target) ** 2)  # noqa: E731
+    tx = jax_impl.adamw(1e-1)
+    params = jnp.array([-1.0, 10.0, 1.0], jnp.complex64)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(objective)(p).conj()
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(2000):
+        params, state = step(params, state)
+    # weight decay 1e-2 pulls the optimum ~1% toward zero (optax's default 1e-4: 0.01%).
+    np.testing.assert_allclose(params, target, rtol=3e-2, atol=3e-2)
+
+
+# --- 4. extra args ------------------------------------------------------------------------------------------------
+
+def test_update_accepts_extra_args():
+    tx = jax_impl.adamw()
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    with_extra, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, value=jnp.float32(1.0), anything=2))(
+        params, state, params)
+    without, _ = tx.update(params, state, params)
+    np.testing.assert_array_equal(with_extra["w"], without["w"])
+    chained = optax.chain(optax.clip_by_global_norm(1.0), tx)  # passes extra args down the chain
+    chained.update(params, chained.init(params), params, value=1.0)
+
+
+# --- 5. mu_dtype and nesterov, against optax.adamw ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mu_dtype, nesterov, tolerance", [
+    # Measured after 10 steps (lr 1e-3, wd 1e-2, 37 params ~N(0, 1)): 9.5e-7, 6.0e-7, 7.2e-7
+    # (float32), 4.2e-5, 3.4e-5 (bfloat16 first moment).  The float32 operations
+    # differ (torch's decay p * (1 - lr*wd) vs optax's lr * (u + wd*p); bias
+    # corrections from double tables vs float32 pow; eps after the bias
+    # correction): a few ulp per step that accumulate (3e-5 after 1000 steps).
+    # A bfloat16 moment turns a float32 difference into a flipped bfloat16
+    # rounding of m now and then, ~lr * 2**-8 in the param.  Bounds: ~2x.
+    (None, False, 2e-6), (None, True, 2e-6), (jnp.float32, True, 2e-6),
+    (jnp.bfloat16, False, 1e-4), (jnp.bfloat16, True, 1e-4),
+])
+def test_mu_dtype_and_nesterov_match_optax(mu_dtype, nesterov, tolerance):
+    rng = np.random.default_rng(0)
+    initial = jnp.asarray(rng.standard_normal(37).astype(np.float32))
+    grads = [jnp.asarray(rng.standard_normal(37).astype(np.float32)) for _ in range(10)]
+
+    def run(tx):
+        params, state = initial, tx.init(initial)
+        step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+        for g in grads:
+            params, state = step(params, state, g)
+        return np.asarray(params, np.float64), state
+
+    ours, our_state = run(jax_impl.adamw(1e-3, mu_dtype=mu_dtype, nesterov=nesterov))
+    theirs, _ = run(optax.adamw(1e-3, weight_decay=1e-2, mu_dtype=mu_dtype, nesterov=nesterov))
+    other, _ = run(optax.adamw(1e-3, weight_decay=1e-2, mu_dtype=mu_dtype, nesterov=not nesterov))
+    assert our_state.exp_avg.dtype == jnp.dtype(mu_dtype or jnp.float32)
+    assert our_state.exp_avg_sq.dtype == jnp.float32
+    assert np.max(np.abs(ours - theirs)) <= tolerance
+    # nesterov is not ignored: with and without differ by ~9e-4 after these 10 steps.
+    assert np.max(np.abs(ours - other)) > 5 * tolerance
+
+
+# --- 6-8. empty trees, abstract params, float32 grads for bfloat16 params -------------------------------------
+
+@pytest.mark.parametrize("params", [{}, [], {"a": {}, "b": ()}], ids=["dict", "list", "nested"])
+def test_empty_parameter_tree(params):
+    tx = jax_impl.adamw()
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(params, state, params)
+    assert updates == params and int(new_state.count) == 1
+
+
+def test_init_accepts_shape_dtype_structs():
+    abstract = {"w": jax.ShapeDtypeStruct((4, 3), jnp.bfloat16), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    for tx in (jax_impl.adamw(amsgrad=True), jax_impl.adamw(mu_dtype=jnp.float32)):
+        concrete = tx.init(abstract)
+        shapes = jax.eval_shape(tx.init, abstract)
+        for state in (concrete, shapes):
+            assert state.exp_avg_sq["w"].shape == (4, 3) and state.exp_avg_sq["w"].dtype == jnp.bfloat16
+            assert state.exp_avg["w"].dtype == (jnp.float32 if tx is not None and state.max_exp_avg_sq is None
+                                                else jnp.bfloat16)
+        assert float(jnp.max(concrete.exp_avg["w"])) == 0.0
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", [
+    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32), (jnp.float32, jnp.bfloat16),
+    (jnp.complex64, jnp.float32),
+])
+def test_gradients_of_another_float_dtype_are_cast(param_dtype, grad_dtype):
+    params = {"w": jnp.linspace(-1, 1, 11).astype(param_dtype)}
+    grads = {"w": jnp.linspace(0.3, -2, 11).astype(grad_dtype)}
+    tx = jax_impl.adamw(1e-2)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    expected, expected_state = tx.update(jax.tree.map(lambda g: g.astype(param_dtype), grads), state, params)
+    assert updates["w"].dtype == param_dtype
+    np.testing.assert_array_equal(updates["w"], expected["w"])
+    np.testing.assert_array_equal(new_state.exp_avg["w"], expected_state.exp_avg["w"])
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", [(jnp.float32, jnp.int32), (jnp.float32, jnp.complex64)])
+def test_gradients_that_cannot_be_cast_are_refused(param_dtype, grad_dtype):
+    params = {"w": jnp.ones(3, param_dtype)}
+    tx = jax_impl.adamw()
+    with pytest.raises(TypeError, match=r"\['w'\].*" + jnp.dtype(grad_dtype).name):
+        tx.update({"w": jnp.ones(3, grad_dtype)}, tx.init(params), params)
+
+
+# --- 9. a state that does not mirror the params ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+@pytest.mark.parametrize("field, bad, error, message", [
+    ("exp_avg", {"w": jnp.zeros((4, 1))}, ValueError, r"state.exp_avg for parameter \['w'\] has shape \(4, 1\)"),
+    ("exp_avg_sq", {"w": jnp.zeros((4,), jnp.bfloat16)}, TypeError,
+     r"state.exp_avg_sq for parameter \['w'\] has dtype bfloat16, expected float32"),
+    ("max_exp_avg_sq", {"w": jnp.zeros((1, 4))}, ValueError, r"state.max_exp_avg_sq for parameter \['w'\]"),
+    ("exp_avg", {"v": jnp.zeros(4)}, ValueError, r"state.exp_avg does not match the parameter tree"),
+])
+def test_mismatched_state_is_refused_with_the_leaf(kernel, field, bad, error, message):
+    if kernel == "cpu" and not _adamw.cpu_kernel.available():
+        pytest.skip("the CPU kernel is not available")
+    params = {"w": jnp.ones(4)}
+    tx = jax_impl.adamw(amsgrad=True, kernel=kernel)
+    state = tx.init(params)._replace(**{field: bad})
+    with pytest.raises(error, match=message):
+        jax.jit(tx.update)(params, state, params)
+    with pytest.raises(error, match=message):
+        jax_impl.apply_exact(tx, params, state, params)
