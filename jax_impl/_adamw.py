@@ -135,11 +135,12 @@ def _check_params(params: optax.Params, mu_dtype=None) -> None:
                 f"adamw: parameter {where} has dtype {dtype}; AdamW needs floating-point parameters "
                 "(float16, bfloat16, float32, float64) or complex ones (complex64, complex128)"
             )
-        if mu_dtype is not None and jnp.issubdtype(mu_dtype, jnp.complexfloating) != jnp.issubdtype(
-                dtype, jnp.complexfloating):
+        if mu_dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
+                mu_dtype, jnp.complexfloating):
+            # optax would cast the moment to a real dtype and drop its imaginary part.
             raise TypeError(
-                f"adamw: mu_dtype={mu_dtype} cannot hold the first moment of parameter {where} ({dtype}): "
-                "complex parameters need a complex mu_dtype and real ones a real one"
+                f"adamw: mu_dtype={mu_dtype} cannot hold the first moment of complex parameter {where} ({dtype}): "
+                "a complex parameter needs a complex mu_dtype (or None)"
             )
 
 
@@ -212,20 +213,28 @@ def _conventions_step(grads, state: AdamWState, params, **options):
     _check_state(state, params, options["mu_dtype"], options["amsgrad"])
     if not jax.tree.leaves(params):
         return params, state._replace(count=optax.safe_increment(state.count))
-    if not any(_is_complex(p) for p in jax.tree.leaves(params)):
+    mu_dtype = options["mu_dtype"]
+    complex_mu = mu_dtype is not None and jnp.issubdtype(mu_dtype, jnp.complexfloating)
+    if not complex_mu and not any(_is_complex(p) for p in jax.tree.leaves(params)):
         return _adamw_step(grads, state, params, **options)
     # The mask is resolved on the complex params (a callable may look at their ndim).
-    mask, mu_dtype = options["mask"], options["mu_dtype"]
+    mask = options["mask"]
     options = dict(options, mask=mask(params) if callable(mask) else mask,
                    mu_dtype=None if mu_dtype is None else jnp.finfo(mu_dtype).dtype)  # complex64 -> float32
-    real = lambda tree: jax.tree.map(_real_view, tree)  # noqa: E731
+
+    def to_real(x, p):  # a complex param's leaves as its real view; a real param's complex moment (mu_dtype) as its real part
+        return None if x is None else _real_view(x) if _is_complex(p) else jnp.real(x)
+
+    def back(new, old, p):
+        return None if new is None else _from_real_view(new, old.dtype) if _is_complex(p) else new.astype(old.dtype)
+
+    real = lambda tree: None if tree is None else jax.tree.map(to_real, tree, params)  # noqa: E731
     moments = [state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq]
     new_params, new_state = _adamw_step(real(grads), AdamWState(state.count, *map(real, moments)), real(params),
                                         **options)
-    back = lambda new, old: _from_real_view(new, old.dtype) if _is_complex(old) else new  # noqa: E731
-    new_moments = [None if old is None else jax.tree.map(back, new, old)
+    new_moments = [None if old is None else jax.tree.map(back, new, old, params)
                    for new, old in zip(new_state[1:], moments)]
-    return jax.tree.map(back, new_params, params), AdamWState(new_state.count, *new_moments)
+    return jax.tree.map(back, new_params, params, params), AdamWState(new_state.count, *new_moments)
 
 
 def _check_grads(grads: optax.Updates, params: optax.Params) -> None:

@@ -1,0 +1,173 @@
+"""optax 0.2.8's own optimizer tests, run against ``jax_impl.adamw`` and against stock ``optax.adamw``.
+
+The test files ship in optax's wheel.  Each is copied, its optimizer list cut
+down to one entry (stock: ``optax.adamw``; ours: ``jax_impl.adamw``, in the
+same places and with the same arguments) and written to a directory, where
+pytest runs it.  The patches are string replacements that must each apply
+once, so a new optax release that moves the code fails loudly here.
+
+    PYTHONPATH=. python tests/optax_upstream.py --out /tmp/optax-upstream   # the table, stock vs ours
+
+``tests/test_optax_upstream.py`` runs a subset of the patched suites in CI.
+Adaptations for deliberate differences (README, "Drop-in conventions") are
+listed in ``ADAPTATIONS`` and applied to the ``ours`` copy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import optax
+
+OPTAX_DIR = Path(optax.__file__).parent
+REPO = Path(__file__).resolve().parents[1]
+
+# suite -> (file in the wheel, the test classes to run: those that take the optimizer under test)
+SUITES = {
+    "alias_test": ("_src/alias_test.py", ["AliasTest"]),
+    "contrib/_common_test": ("contrib/_common_test.py", ["ContribTest"]),
+    "float64_test": ("_src/float64_test.py", ["Float64Test"]),
+    "sharding_test": ("_src/sharding_test.py", ["ShardingTest"]),
+    "tree_utils/_state_utils_test": ("tree_utils/_state_utils_test.py", ["StateUtilsTest"]),
+}
+NAMES = {"stock": "adamw", "ours": "jax_impl_adamw"}
+FACTORY = {"stock": "alias.adamw", "ours": "jax_impl.adamw"}
+
+# Applied to the `ours` copies only; each entry is a deliberate difference (README, "Drop-in conventions").
+ADAPTATIONS = {
+    "alias_test": "test_explicit_dtype reads the first moment as `exp_avg` (torch's state names) instead of `mu`",
+    "tree_utils/_state_utils_test": "test_inject_hparams reads the first moment as `inner_state.exp_avg` "
+                                    "(one AdamWState, torch's names) instead of `inner_state[0].mu` (optax's chain)",
+}
+
+
+def _replace(source: str, old: str, new: str, *, regex: bool = False) -> str:
+    count = len(re.findall(old, source, flags=re.S)) if regex else source.count(old)
+    if count != 1:
+        raise RuntimeError(f"optax_upstream: expected one match of {old[:60]!r}, found {count} "
+                           f"(optax {optax.__version__} moved its test code?)")
+    return re.sub(old, lambda _: new, source, flags=re.S) if regex else source.replace(old, new)
+
+
+def patched_source(suite: str, which: str) -> str:
+    """The upstream test file of ``suite`` with ``which`` ("stock" or "ours") as the optimizer under test."""
+    source = (OPTAX_DIR / SUITES[suite][0]).read_text()
+    name, factory = NAMES[which], FACTORY[which]
+    source = "import jax_impl  # adamw-crosscheck\n" + source
+    if suite == "alias_test":
+        # sklearn is used by LBFGSTest only (not run); it is not a dependency of optax's.
+        source = _replace(source, "from sklearn import datasets\nfrom sklearn import linear_model\n",
+                          "datasets = linear_model = None\n")
+        source = _replace(source, r"_OPTIMIZERS_UNDER_TEST = \(\n.*?\n\)\n",
+                          f"_OPTIMIZERS_UNDER_TEST = ({{'opt_name': {name!r}, 'opt_kwargs': {{'learning_rate': 1e-1}}}},)\n",
+                          regex=True)
+        source = _replace(source, "def _get_opt(self: absltest.TestCase, opt_name: str):\n",
+                          "def _get_opt(self: absltest.TestCase, opt_name: str):\n"
+                          "  if opt_name == 'jax_impl_adamw':\n    return jax_impl.adamw\n")
+        source = _replace(source, "opt_name=('sgd_mom', 'adam', 'adamw'),", f"opt_name=({name!r},),")
+        source = _replace(source, "elif opt_name in ['adam', 'adamw']:", "elif opt_name in ['adam', 'adamw', 'jax_impl_adamw']:")
+        if which == "ours":
+            source = _replace(source, "      attribute_name = 'mu'\n", "      attribute_name = 'exp_avg'\n")
+    elif suite == "contrib/_common_test":
+        source = _replace(source, r"_MAIN_OPTIMIZERS_UNDER_TEST = \[\n.*?\n\]\nfor optimizer in",
+                          f"_MAIN_OPTIMIZERS_UNDER_TEST = [{{'opt_name': {name!r}, 'opt_kwargs': {{'learning_rate': 1e-2}}}}]"
+                          "\nfor optimizer in", regex=True)
+        # The wrappers are tested with sgd in stock optax: keep them out (they do not take our optimizer).
+        source = _replace(source, r"# Testing contributions coded as wrappers\n.*?\n\]\n\n", "", regex=True)
+        source = _replace(source, r"_BASE_OPTIMIZERS = \[\n.*?\n\]\n",
+                          f"_BASE_OPTIMIZERS = [{{'opt_name': {name!r}, 'opt_kwargs': {{'learning_rate': 1.0}}}}]\n",
+                          regex=True)
+        source = _replace(source, '  """Get optimizer factory."""\n',
+                          '  """Get optimizer factory."""\n  if opt_name == "jax_impl_adamw":\n'
+                          '    return jax_impl.adamw\n')
+    elif suite == "float64_test":
+        source = _replace(source, r"ALL_MODULES = \[\n.*?\n\]\n",
+                          f"ALL_MODULES = [({name!r}, {factory}, {{'learning_rate': 0.1}})]\n", regex=True)
+    elif suite == "sharding_test":
+        source = _replace(source, r"OPTIMIZERS = \{\n.*?\n\}\n", f"OPTIMIZERS = {{{name!r}: {factory}(1.0)}}\n",
+                          regex=True)
+        # Upstream compares version strings ('0.10.2' < '0.7.2' is True) and so skips its sharding
+        # tests on jax 0.10: compare numerically, for stock and ours alike.
+        for version in ("0.7.2", "0.8.1"):
+            source = source.replace(f"jax.__version__ < '{version}'",
+                                    f"tuple(map(int, jax.__version__.split('.')[:3])) < {tuple(map(int, version.split('.')))}")
+    elif suite == "tree_utils/_state_utils_test":
+        source = _replace(source, "_inject.inject_hyperparams(alias.adamw)(learning_rate=1e-3)",
+                          f"_inject.inject_hyperparams({factory})(learning_rate=1e-3)")
+        if which == "ours":
+            source = _replace(source, "mu = getattr(state.inner_state[0], 'mu')", "mu = state.inner_state.exp_avg")
+    return source
+
+
+def write_suite(suite: str, which: str, directory: Path) -> Path:
+    """Writes the patched file; returns its path (one directory per (suite, which), so module names do not clash)."""
+    target = Path(directory) / which / suite.replace("/", "__") / f"{which}_{suite.replace('/', '_')}.py"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(patched_source(suite, which))
+    return target
+
+
+def run_suite(suite: str, which: str, directory: Path, pytest_args=()) -> dict:
+    """Runs one patched suite in its own pytest process; returns counts and the failing tests' names."""
+    path = write_suite(suite, which, directory)
+    report = path.with_suffix(".xml")
+    selected = [f"{path}::{cls}" for cls in SUITES[suite][1]]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(path.parent),
+                    f"--junitxml={report}", *selected, *pytest_args], env=env, cwd=path.parent,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    counts = {"ran": 0, "passed": 0, "failed": 0, "skipped": 0, "failures": [], "passed_names": []}
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        name = f"{case.get('classname').rsplit('.', 1)[-1]}.{case.get('name')}"
+        counts["ran"] += 1
+        if case.find("skipped") is not None:
+            counts["skipped"] += 1
+        elif case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+            counts["failures"].append(name)
+        else:
+            counts["passed"] += 1
+            counts["passed_names"].append(name)
+    return counts
+
+
+def _unify(name: str) -> str:
+    return name.replace(NAMES["ours"], "OPT").replace(NAMES["stock"], "OPT")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="scratch directory for the patched suites")
+    parser.add_argument("--suite", action="append", choices=list(SUITES), help="default: all")
+    args = parser.parse_args(argv)
+    rows, regressions = [], []
+    for suite in args.suite or list(SUITES):
+        stock, ours = (run_suite(suite, which, args.out) for which in ("stock", "ours"))
+        rows.append((suite, stock, ours))
+        lost = sorted({_unify(n) for n in stock["passed_names"]} - {_unify(n) for n in ours["passed_names"]})
+        regressions += [f"{suite}: {n}" for n in lost]
+    print(f"optax {optax.__version__}: upstream tests, stock optax.adamw vs jax_impl.adamw\n")
+    print("| suite | stock ran / passed / failed / skipped | ours ran / passed / failed / skipped |")
+    print("|---|---|---|")
+    for suite, stock, ours in rows:
+        cell = lambda c: f"{c['ran']} / {c['passed']} / {c['failed']} / {c['skipped']}"  # noqa: E731
+        print(f"| {suite} | {cell(stock)} | {cell(ours)} |")
+    for suite, stock, ours in rows:
+        for which, counts in (("stock", stock), ("ours", ours)):
+            for name in counts["failures"]:
+                print(f"failed ({which}) {suite}: {name}")
+    print("\nadaptations (ours only):", *(f"  {k}: {v}" for k, v in ADAPTATIONS.items()), sep="\n")
+    if regressions:
+        print("\npassed by stock, not by ours:", *regressions, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
