@@ -710,15 +710,34 @@ def adamw(
         C++ kernel through ``jax.ffi`` (built on first use; ~3x less memory
         traffic than XLA:CPU's fusions); ``"auto"`` (default) uses the kernel on
         a single-device CPU backend when it builds, else XLA.  The two agree
-        bit for bit.
+        bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
+        ``mu_dtype`` other than float32 take the XLA path.
+      mu_dtype: the dtype the first moment is stored in (optax's memory saver,
+        e.g. ``jnp.bfloat16``); None: the params' dtype.  The step computes in
+        float32 (float64 for float64 params) either way.
+      nesterov: optax's Nesterov momentum (``optax.adamw(nesterov=True)``);
+        torch's AdamW has none, so this is not torch-exact.
+
+    Hyperparameters may be arrays, as ``optax.inject_hyperparams`` passes
+    them: concrete ones are validated and used as Python floats; traced ones
+    (under ``jax.jit``) are not validated and the per-step scalars are computed
+    in the graph in float64 (scoped ``jax.enable_x64``; float32 on TPU), which
+    is bitwise torch's given the same floats (``tests/test_optax_conventions.py``).
+
+    Complex params are treated as torch treats them (``torch.view_as_real``:
+    real and imaginary parts are separate parameters); the moments are
+    complex arrays like the params, their real views torch's moments.
+    ``torch_layout`` and ``scalar_tail`` of a complex leaf refer to its real view.
+    Gradients of another floating dtype are cast to the params' dtypes.
 
     Returns:
-      An ``optax.GradientTransformation``.  ``optax.apply_updates`` recovers
-      torch's parameters exactly wherever ``p_new - p`` is exact in the param
-      dtype (always for bfloat16/float16 params, whose updates are float32; for
-      float32 whenever ``p_new`` and ``p`` are within a factor 2, i.e. not for
-      a parameter that crosses or nears zero).  :func:`apply_exact` returns the
-      new params themselves and is exact everywhere.
+      An ``optax.GradientTransformationExtraArgs`` (extra ``update`` arguments
+      are accepted and ignored).  Updates have the params' dtypes (optax's
+      convention); ``optax.apply_updates`` recovers torch's parameters exactly
+      wherever ``p_new - p`` is exact in that dtype (for float32 whenever
+      ``p_new`` and ``p`` are within a factor 2, i.e. not for a parameter that
+      crosses or nears zero; for bfloat16/float16 rarely).  :func:`apply_exact`
+      returns the new params themselves and is exact everywhere.
 
     References:
       Loshchilov & Hutter, `Decoupled Weight Decay Regularization
@@ -769,6 +788,12 @@ def adamw(
 
     update_fn.exact_step = step_fn
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# This module's annotations are strings (``from __future__ import annotations``);
+# code that inspects ``learning_rate``'s annotation for optax's
+# ``ScalarOrSchedule`` (optax's contrib tests do) finds optax's own object.
+adamw.__annotations__["learning_rate"] = optax.ScalarOrSchedule
 
 
 def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: AdamWState,
