@@ -336,3 +336,13 @@ def test_mismatched_state_is_refused_with_the_leaf(kernel, field, bad, error, me
         jax.jit(tx.update)(params, state, params)
     with pytest.raises(error, match=message):
         jax_impl.apply_exact(tx, params, state, params)
+
+
+def test_inject_hyperparams_with_static_betas_keeps_the_cpu_kernel():
+    if not _adamw.cpu_kernel.available():
+        pytest.skip("the CPU kernel is not available")
+    params = jnp.ones(10)
+    for static, calls in ((("b1", "b2", "eps"), 1), ((), 0)):  # injected betas take the XLA path
+        tx = optax.inject_hyperparams(jax_impl.adamw, static_args=static)(learning_rate=1e-3, kernel="auto")
+        state = tx.init(params)
+        assert jax.jit(tx.update).lower(params, state, params).as_text().count("jax_impl_adamw") == calls
