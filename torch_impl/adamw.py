@@ -356,6 +356,9 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
             torch._foreach_addcdiv_(device_params, device_exp_avgs, exp_avg_sq_sqrt, step_size)
 
 
+# As torch does for its own fused functions: dynamo does not trace into the fused
+# kernel call (functionalization cannot handle its in-place list arguments).
+@torch._disable_dynamo
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale, found_inf, *,
                  amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, capturable, differentiable):
     del has_complex, capturable  # the kernel refuses complex params; it keeps its state on the device anyway
