@@ -331,6 +331,18 @@ def test_8_adam_state_dict_forces_decoupled_weight_decay():
     _assert_same_bits(*runs[0], *runs[1])
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_8_group_set_to_coupled_decay_by_hand_steps_as_torch(path):
+    """Loading always decouples; a group edited to decoupled_weight_decay=False gets Adam's L2 decay,
+    as in torch.optim.AdamW (whose step is Adam's)."""
+    runs = []
+    for cls in CLASSES.values():
+        optimizer = cls(_params(), weight_decay=0.1, maximize=True, **PATHS[path])
+        optimizer.param_groups[0]["decoupled_weight_decay"] = False
+        runs.append(_train(cls, {}, params=optimizer.param_groups[0]["params"], optimizer=optimizer))
+    _assert_same_bits(*runs[0], *runs[1])
+
+
 # 9. fused + GradScaler: the kernel unscales and skips inf steps
 
 def _scaled_loop(cls, steps=12, inf_steps=(2, 7)):

@@ -165,20 +165,23 @@ class AdamW(torch.optim.Adam):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                            state_steps)
             beta1, beta2 = group["betas"]
-            adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+            _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                   foreach=group["foreach"], capturable=group["capturable"],
                   differentiable=group["differentiable"], fused=group["fused"],
                   # Set by torch.amp.GradScaler around step() when fused (_step_supports_amp_scaling).
                   grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
                   has_complex=has_complex, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
                   lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                  maximize=group["maximize"])
+                  maximize=group["maximize"],
+                  # Always True after construction or loading; a group edited to False by hand gets
+                  # Adam's L2 decay, as torch.optim.AdamW's (i.e. Adam's) step gives it.
+                  decoupled_weight_decay=group["decoupled_weight_decay"])
         return loss
 
 
 def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale,
                          found_inf, *, amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize,
-                         capturable, differentiable):
+                         capturable, differentiable, decoupled_weight_decay):
     del has_complex  # each param is checked itself
     if grad_scale is not None or found_inf is not None:
         raise AssertionError("Expected grad_scale and found_inf to be None")
@@ -199,7 +202,12 @@ def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
                                      f"{supported_devices}.")
         step_t += 1
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            elif differentiable and isinstance(weight_decay, Tensor) and weight_decay.requires_grad:
+                grad = grad.addcmul_(param.clone(), weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
         if torch.is_complex(param):
             grad = torch.view_as_real(grad)
             exp_avg = torch.view_as_real(exp_avg)
@@ -262,7 +270,7 @@ def _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
 
 def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale,
                         found_inf, *, amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize,
-                        capturable, differentiable):
+                        capturable, differentiable, decoupled_weight_decay):
     if len(params) == 0:
         return
     if isinstance(lr, Tensor):
@@ -311,7 +319,12 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
         else:
             torch._foreach_add_(device_state_steps, 1)
         if weight_decay != 0:
-            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            elif maximize:  # device_grads is already a fresh negated copy
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
         torch._foreach_lerp_(device_exp_avgs, device_grads, cast(float, 1 - device_beta1))
         torch._foreach_mul_(device_exp_avg_sqs, beta2)
         if isinstance(beta2, Tensor):
@@ -360,7 +373,8 @@ def _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, s
 # kernel call (functionalization cannot handle its in-place list arguments).
 @torch._disable_dynamo
 def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale, found_inf, *,
-                 amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, capturable, differentiable):
+                 amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, capturable, differentiable,
+                 decoupled_weight_decay):
     del has_complex, capturable  # the kernel refuses complex params; it keeps its state on the device anyway
     if not params:
         return
@@ -385,17 +399,15 @@ def _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_st
             lr_by_device[device] = lr.to(device=device, non_blocking=True)
             lr = lr_by_device[device]
         torch._foreach_add_(device_state_steps, 1)
-        torch._fused_adamw_(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs,
-                            device_max_exp_avg_sqs, device_state_steps, amsgrad=amsgrad, lr=lr, beta1=beta1,
-                            beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize,
-                            grad_scale=device_grad_scale, found_inf=device_found_inf)
+        kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        kernel(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs,
+               device_state_steps, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+               eps=eps, maximize=maximize, grad_scale=device_grad_scale, found_inf=device_found_inf)
         if device_found_inf is not None:
             # The kernel skipped the update on inf/nan grads; undo the step count too.
             torch._foreach_sub_(device_state_steps, [device_found_inf] * len(device_state_steps))
 
 
-# Under torch.compile, CUDA state steps without capturable run this eagerly, as in torch.
-@_disable_dynamo_if_unsupported()
 def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor],
           # Positional-with-default, as torch's functional (torch.distributed.optim passes them so).
@@ -404,6 +416,18 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           has_complex: bool = False, *, amsgrad: bool, beta1: float | Tensor, beta2: float | Tensor,
           lr: float | Tensor, weight_decay: float, eps: float, maximize: bool) -> None:
     """Functional AdamW: updates ``params`` and the state tensors in place (see :class:`AdamW`)."""
+    _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach=foreach,
+          capturable=capturable, differentiable=differentiable, fused=fused, grad_scale=grad_scale,
+          found_inf=found_inf, has_complex=has_complex, amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr,
+          weight_decay=weight_decay, eps=eps, maximize=maximize, decoupled_weight_decay=True)
+
+
+# Under torch.compile, CUDA state steps without capturable run this eagerly, as in torch.
+@_disable_dynamo_if_unsupported()
+def _adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, foreach=None, capturable=False,
+          differentiable=False, fused=None, grad_scale=None, found_inf=None, has_complex=False, *, amsgrad,
+          beta1, beta2, lr, weight_decay, eps, maximize, decoupled_weight_decay) -> None:
+    """torch's ``adam`` dispatch: picks the path as torch does and runs it."""
     if fused is None and foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable, use_fused=False)
         # A tensor lr is not supported by foreach unless capturable: fall back rather than raise.
@@ -420,4 +444,5 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         func = _single_tensor_adamw
     func(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale, found_inf,
          amsgrad=amsgrad, has_complex=has_complex, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay,
-         eps=eps, maximize=maximize, capturable=capturable, differentiable=differentiable)
+         eps=eps, maximize=maximize, capturable=capturable, differentiable=differentiable,
+         decoupled_weight_decay=decoupled_weight_decay)
