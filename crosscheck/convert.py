@@ -403,7 +403,7 @@ def _tensor(x: np.ndarray) -> torch.Tensor:
     x = np.asarray(x)
     if x.dtype.name in DTYPES:
         return to_torch(x, x.dtype.name)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.array(x, copy=True))
 
 
 def _jax_dtype_kept(flat: Mapping[Path, np.ndarray], what: str, allow_dtype_change: bool) -> None:
@@ -453,9 +453,9 @@ def _flat_to_torch(flat: Mapping[Path, Any], layers: Sequence[Layer],
     state_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
     for e in entries:
         if all(k in flat for k in e.flax_keys):
-            state_dict[e.torch_key] = _tensor(_array_to_torch(e.layer, e.key, [np.asarray(flat[k]) for k in e.flax_keys]))
-            if e.key == "num_batches_tracked":
-                state_dict[e.torch_key] = state_dict[e.torch_key].to(torch.long)
+            arrays = [np.asarray(flat[k]) for k in e.flax_keys]
+            state_dict[e.torch_key] = (torch.tensor(int(arrays[0]), dtype=torch.long) if _is_counter(e.torch_key)
+                                       else _tensor(_array_to_torch(e.layer, e.key, arrays)))
         elif e.flax_optional and (not e.layer.keys or e.key in e.layer.keys):
             # nnx.BatchNorm keeps no counter: take it from the reference, or start at 0.
             state_dict[e.torch_key] = (reference[e.torch_key].clone() if reference is not None
@@ -769,3 +769,17 @@ def load_nnx_optimizer_state(optimizer, state: jax_impl.AdamWState) -> None:
     step = getattr(optimizer, "step", None)
     if step is not None:
         step.set_value(jnp.asarray(state.count, step.get_value().dtype))
+
+
+def conv_transpose_padding(module: torch.nn.Module) -> list[tuple[int, int]]:
+    """The explicit ``padding=`` of ``nnx.ConvTranspose`` that computes what ``module`` (a torch ConvTranspose) does.
+
+    torch's ``padding`` p crops the full transposed convolution, ``output_padding``
+    extends one side; ``lax.conv_transpose`` pads the dilated input instead:
+    (d * (k - 1) - p, d * (k - 1) - p + output_padding) per spatial dimension.
+    """
+    dims = len(module.kernel_size)
+    if isinstance(module.padding, str):
+        raise ConversionError(f"padding={module.padding!r} of {type(module).__name__} is not supported")
+    return [(d * (k - 1) - p, d * (k - 1) - p + op) for k, p, op, d in
+            zip(module.kernel_size, module.padding, module.output_padding, module.dilation)][:dims]
