@@ -647,7 +647,11 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     with ``like``, the params must match its ``nnx.Param`` leaves.
     """
     named = {name: np.arange(p.numel()).reshape(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-    tree = params_to_flax(named, layers)
+    # A packed torch tensor (MultiheadAttention's in_proj_weight) splits into q/k/v leaves: each leaf gets
+    # its elements' ranks, so the last ones of the tensor stay the last of the value leaf.  That is the
+    # tail exactly when the tensor's and the leaf's numel % 8 agree (always for an even embed_dim).
+    rank = lambda x: np.argsort(np.argsort(x.ravel(), kind="stable"), kind="stable").reshape(x.shape)  # noqa: E731
+    tree = _nest({path: rank(x) for path, x in _params_to_flax_flat(named, layers).items()})
     if like is None:
         return tree
     from flax import nnx
