@@ -40,17 +40,19 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         frozen = self.use_running_average if use_running_average is None else use_running_average
         axes = tuple(range(x.ndim - 1))
+        channels = lambda v: v.reshape((1,) * (x.ndim - 1) + (-1,))  # noqa: E731  (explicit rank: no promotion)
         if frozen:
             mean, var = self.mean[...], self.var[...]
         else:
             mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)  # biased: what torch normalizes with
+            var = jnp.square(x - channels(mean)).mean(axes)  # biased: what torch normalizes with
             n = x.size // x.shape[-1]
             unbiased = var * (n / max(n - 1, 1))  # what torch stores
             self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * mean
             self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * unbiased
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return ((x - channels(mean)) * channels(jax.lax.rsqrt(var + self.eps)) * channels(self.scale[...])
+                + channels(self.bias[...]))
 
 
 class _Recurrent(nnx.Module):
@@ -88,7 +90,7 @@ class _Recurrent(nnx.Module):
                 state = states[len(finals)]
                 seq = x[::-1] if direction else x
                 # x @ W_ih^T + b_ih for all steps at once, as torch's kernels do outside the time loop
-                projected = seq @ w_ih.T + b_ih
+                projected = seq @ w_ih.T + jnp.reshape(b_ih, (1, 1, -1))
                 state, out = jax.lax.scan(lambda s, p: self._cell(s, p, w_hh, b_hh), state, projected)
                 outputs.append(out[::-1] if direction else out)
                 finals.append(state)
@@ -109,7 +111,7 @@ class LSTM(_Recurrent):
 
     def _cell(self, state, projected, w_hh, b_hh):
         h, c = state
-        i, f, g, o = jnp.split(projected + (h @ w_hh.T + b_hh), 4, axis=-1)
+        i, f, g, o = jnp.split(projected + (h @ w_hh.T + jnp.reshape(b_hh, (1, -1))), 4, axis=-1)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
@@ -130,7 +132,7 @@ class GRU(_Recurrent):
 
     def _cell(self, h, projected, w_hh, b_hh):
         x_r, x_z, x_n = jnp.split(projected, 3, axis=-1)
-        h_r, h_z, h_n = jnp.split(h @ w_hh.T + b_hh, 3, axis=-1)
+        h_r, h_z, h_n = jnp.split(h @ w_hh.T + jnp.reshape(b_hh, (1, -1)), 3, axis=-1)
         r = jax.nn.sigmoid(x_r + h_r)
         z = jax.nn.sigmoid(x_z + h_z)
         n = jnp.tanh(x_n + r * h_n)

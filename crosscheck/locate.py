@@ -277,9 +277,7 @@ def _numeric_cause(name: str, tm: torch.nn.Module, torch_io, flax_io, band: floa
         if not inputs_agree:
             if (isinstance(tm, torch.nn.Linear) and t_in.shape == f_in.shape
                     and np.allclose(np.sort(t_in, axis=-1), np.sort(f_in, axis=-1), rtol=1e-5, atol=1e-6)):
-                shape = next((torch_cap[n][1].shape[1:] for n in reversed(order[:order.index(name)])
-                              if torch_cap[n][1].ndim >= 3 and int(np.prod(torch_cap[n][1].shape[1:])) == t_in.shape[-1]),
-                             None)
+                shape = _flatten_shape(t_in.shape[-1], [torch_cap[n][1].shape for n in order[:order.index(name)]])
                 return "flatten", f"its inputs are a permutation of torch's; flatten_from={tuple(shape) if shape else '(C, H, W)'}"
             # gelu between the previous module and this one: torch's input is gelu_exact(p), the port's
             # gelu_tanh(p) of its own (agreeing) p.
@@ -305,6 +303,21 @@ def _numeric_cause(name: str, tm: torch.nn.Module, torch_io, flax_io, band: floa
             return "layout", "a ConvTranspose kernel in the other Flax convention (transpose_kernel) or flipped"
         if isinstance(tm, torch.nn.modules.conv._ConvNd | torch.nn.Linear):
             return "layout", "inputs agree, outputs do not, configuration matches"
+    return None
+
+
+def _flatten_shape(features: int, earlier: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The (C, *spatial) a Linear's ``features`` inputs were flattened from: an earlier channels-first output of
+    that size, else the last one's channels with square spatial dims (a pool between them is not a module)."""
+    for shape in reversed(earlier):
+        if len(shape) >= 3 and int(np.prod(shape[1:])) == features:
+            return tuple(shape[1:])
+    for shape in reversed(earlier):
+        if len(shape) >= 3 and features % shape[1] == 0:
+            side = round((features // shape[1]) ** (1 / (len(shape) - 2)))
+            if side ** (len(shape) - 2) == features // shape[1]:
+                return (shape[1], *([side] * (len(shape) - 2)))
+            return None
     return None
 
 
@@ -399,9 +412,11 @@ def locate_divergence(torch_model: torch.nn.Module, flax_model: nnx.Module, batc
     if labels is not None:
         result.gradients = _gradient_gaps(torch32, flax_copy, x32, flax_in, labels, layers, torch_loss, flax_loss)
         if result.first is None:
-            worst = max(result.gradients, key=result.gradients.get, default=None)
-            if worst is not None and not result.gradients[worst] <= grad_tol:
-                result.first, result.cause = worst, "backward"
+            # the leaf nearest the output (last in torch's parameter order) whose gradient is off:
+            # the backward pass breaks just before it
+            over = [leaf for leaf, gap in result.gradients.items() if not gap <= grad_tol]
+            if over:
+                result.first, result.cause = over[-1], "backward"
     return result
 
 

@@ -279,7 +279,7 @@ class NnxFrozenMLP(nnx.Module):
         self.head = nnx.Linear(32, classes, rngs=rngs)
 
     def __call__(self, x):
-        return self.head(self.gamma * nnx.relu(self.frozen(x - self.center[...])))
+        return self.head(self.gamma[None] * nnx.relu(self.frozen(x - self.center[None])))
 
 
 # ---------------------------------------------------------------- the table
