@@ -146,7 +146,7 @@ def assert_trajectories_match(
     grad_tol: float = 1e-2,
     grad_floor: float = GRAD_FLOOR,
     grad_tol_by_leaf: Mapping[str, float] | None = None,
-    stats_tol: float = 1e-5,
+    stats_tol: float = 3e-6,
     param_ulps: int = 0,
     locate: bool = True,
 ) -> ParityReport:
@@ -168,7 +168,9 @@ def assert_trajectories_match(
     the model); ``grad_tol_by_leaf`` overrides ``grad_tol`` by leaf name
     (``"conv1/bias"``).  Batch statistics and buffers (BatchNorm running
     mean/var and counter) are compared after every step within ``stats_tol``
-    of their scale.  On a failure, unless ``locate=False``, the message ends
+    of their scale: rounding gives <= 3.3e-7 (resnet_block, 10 steps); a
+    biased running variance (nnx.BatchNorm) is off by momentum x var / n per
+    step, 2e-5 relative at n = 4096 values per channel.  On a failure, unless ``locate=False``, the message ends
     with :func:`crosscheck.locate_divergence`'s report on that step's batch
     (the first module whose output leaves the rounding band, and the likely cause).
     Returns the per-step report, also on success.
