@@ -138,3 +138,8 @@ def test_report_files(tmp_path):
     assert data["first"] == "norm" and data["cause"] == "epsilon" and len(data["modules"]) == 4
     assert "**outside**" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(paths) == 3
+
+
+def gelu_port():
+    """A factory for the CLI test: the MLP's port with jax.nn.gelu's default."""
+    return NnxMLP(approximate=True)
