@@ -88,11 +88,15 @@ def _resnet_port(**replace):
     return torch_model, flax_model, example
 
 
+# The first case compiles the block (~10 s); the others reuse most of it but are kept out of the default suite.
 @pytest.mark.parametrize("replace, first, cause", [
     ({"conv2": nnx.Conv(8, 8, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))}, "conv2", "padding"),
-    ({"bn1": nnx.BatchNorm(8, momentum=0.1, epsilon=1e-5, rngs=nnx.Rngs(0))}, "bn1", "momentum"),
-    ({"bn1": flax_layers.BatchNorm(8, use_running_average=True)}, "bn1", "running_stats"),
-    ({"bn2": nnx.BatchNorm(8, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))}, "bn2", "epsilon"),
+    pytest.param({"bn1": nnx.BatchNorm(8, momentum=0.1, epsilon=1e-5, rngs=nnx.Rngs(0))}, "bn1", "momentum",
+                 marks=pytest.mark.slow),
+    pytest.param({"bn1": flax_layers.BatchNorm(8, use_running_average=True)}, "bn1", "running_stats",
+                 marks=pytest.mark.slow),
+    pytest.param({"bn2": nnx.BatchNorm(8, momentum=0.9, epsilon=1e-3, rngs=nnx.Rngs(0))}, "bn2", "epsilon",
+                 marks=pytest.mark.slow),
 ], ids=["conv-padding-SAME", "batchnorm-momentum", "batchnorm-eval-vs-train", "batchnorm-epsilon"])
 def test_planted_pitfall_in_a_resnet_block_is_located(replace, first, cause):
     torch_model, flax_model, example = _resnet_port(**replace)
@@ -101,6 +105,7 @@ def test_planted_pitfall_in_a_resnet_block_is_located(replace, first, cause):
     assert (result.first, result.cause) == (first, cause), str(result)
 
 
+@pytest.mark.slow
 def test_missing_flatten_permutation_is_located_with_its_shape():
     example = port_examples.EXAMPLES["depthwise_dilated"]
     torch_model, flax_model = example.pair(0)
@@ -110,12 +115,17 @@ def test_missing_flatten_permutation_is_located_with_its_shape():
 
 
 def test_a_conv_transpose_of_the_other_kernel_convention_is_refused():
+    torch_model = port_examples.Decoder()
+    flax_model = nnx.eval_shape(lambda: port_examples.NnxDecoder(transpose_kernel=True))  # no weights computed
+    with pytest.raises(ConversionError, match=r"layer 'up1': the Flax ConvTranspose at up1 has transpose_kernel=True"):
+        convert.torch_to_nnx(torch_model.state_dict(), convert.layers_of(torch_model), flax_model)
+
+
+@pytest.mark.slow
+def test_the_other_kernel_convention_is_right_when_the_table_says_so():
     example = port_examples.EXAMPLES["decoder"]
     torch_model, _ = example.pair(0)
     flax_model = port_examples.NnxDecoder(transpose_kernel=True)
-    with pytest.raises(ConversionError, match=r"layer 'up1': the Flax ConvTranspose at up1 has transpose_kernel=True"):
-        locate_divergence(torch_model, flax_model, example.batch(0), layers=example.layers(torch_model))
-    # with the table saying so, the same port is right
     layers = convert.layers_of(torch_model, transpose_kernel=True)
     assert locate_divergence(torch_model, flax_model, example.batch(0), layers=layers).ok
 
