@@ -435,8 +435,8 @@ def _torch_to_flat(state_dict: Mapping[str, Any], layers: Sequence[Layer]) -> di
 def _to_flax(layer: Layer, key: str, tensor) -> list[np.ndarray]:
     """One torch array in its Flax layout, after checking it can be the ``key`` of ``layer``."""
     if tensor is None:
-        raise ConversionError(f"{layer.torch_name}{'.' if key else ''}{key} is None (a parameter without a gradient: frozen with "
-                              "requires_grad=False, or unused in forward)")
+        raise ConversionError(f"{layer.torch_name}{'.' if key else ''}{key} is None (a parameter without a gradient: "
+                              "frozen with requires_grad=False, or unused in forward)")
     # A copy: on CPU, JAX may alias a NumPy buffer, and torch would then step the Flax weights in place.
     x = np.array(as_numpy(tensor), copy=True)
     _expected_torch_shape(layer, key, x.shape)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import jax
@@ -242,7 +242,8 @@ def _config_cause(tm: torch.nn.Module, fm, torch_input: np.ndarray | None) -> tu
             want = convert.conv_transpose_padding(tm)
             have = fm.padding if isinstance(fm.padding, str) else [tuple(p) for p in fm.padding]
             if have != want:
-                return "padding", f"torch padding={tm.padding} output_padding={tm.output_padding}: Flax needs {want}, has {have}"
+                return "padding", (f"torch padding={tm.padding} output_padding={tm.output_padding}: "
+                                   f"Flax needs {want}, has {have}")
         elif isinstance(fm, nnx.Conv) and not isinstance(tm.padding, str):
             want = [(p, p) for p in tm.padding]
             if isinstance(fm.padding, str):
@@ -278,7 +279,8 @@ def _numeric_cause(name: str, tm: torch.nn.Module, torch_io, flax_io, band: floa
             if (isinstance(tm, torch.nn.Linear) and t_in.shape == f_in.shape
                     and np.allclose(np.sort(t_in, axis=-1), np.sort(f_in, axis=-1), rtol=1e-5, atol=1e-6)):
                 shape = _flatten_shape(t_in.shape[-1], [torch_cap[n][1].shape for n in order[:order.index(name)]])
-                return "flatten", f"its inputs are a permutation of torch's; flatten_from={tuple(shape) if shape else '(C, H, W)'}"
+                where = tuple(shape) if shape else "(C, H, W)"
+                return "flatten", f"its inputs are a permutation of torch's; flatten_from={where}"
             # gelu between the previous module and this one: torch's input is gelu_exact(p), the port's
             # gelu_tanh(p) of its own (agreeing) p.
             for prev in reversed(order[:order.index(name)]):

@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", help=".npz with arrays 'inputs' and 'labels' (torch layout)")
     p.add_argument("--flatten-from", action="append", default=[], metavar="NAME=C,H,W",
                    help="layers_of flatten_from for a Linear after a channels-first flatten (repeatable)")
-    p.add_argument("--transpose-kernel", action="store_true", help="the port's ConvTranspose uses transpose_kernel=True")
+    p.add_argument("--transpose-kernel", action="store_true",
+                   help="the port's ConvTranspose layers use transpose_kernel=True")
     p.add_argument("--steps", type=int, default=10, help="steps of assert_trajectories_match (0: locate only)")
     p.add_argument("--resume", type=int, default=0, metavar="K", help="also check a torch->JAX resume after K steps")
     p.add_argument("--seed", type=int, default=0)

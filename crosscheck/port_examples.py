@@ -32,7 +32,7 @@ def _same(*pads: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- ResNet block with BatchNorm
 
 class ResNetBlock(torch.nn.Module):
-    """conv (with a bias, cancelled by the BatchNorm after it: zero gradient) -> BN -> ReLU -> conv -> BN, + 1x1 skip."""
+    """conv (its bias cancelled by the BatchNorm after it: zero gradient) -> BN -> ReLU -> conv -> BN, + 1x1 skip."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
@@ -256,7 +256,7 @@ class NnxRecurrent(nnx.Module):
 # ---------------------------------------------------------------- frozen layer, layer scale, fixed buffer
 
 class FrozenMLP(torch.nn.Module):
-    """A frozen (requires_grad=False) input layer, a learned layer scale (bare parameter) and a fixed centre (buffer)."""
+    """A frozen (requires_grad=False) input layer, a layer scale (bare parameter), a fixed centre (buffer)."""
 
     def __init__(self, features: int = 20, classes: int = 10):
         super().__init__()
