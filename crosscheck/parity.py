@@ -9,8 +9,10 @@ chaos, only by a defect:
 - the logits of the first batch before training agree within ``logit_tol``
   (the conversion is right: a wrong layout gives errors of order 0.1-1);
 - at every step the losses agree within ``loss_tol`` (relative) and every
-  gradient leaf within ``grad_tol`` of its largest element (a wrong layer gives
-  order 1).
+  gradient leaf within ``grad_tol`` of max(its largest element, ``grad_floor``
+  x the model's largest gradient element) (a wrong layer gives order 1; the
+  floor keeps leaves whose true gradient is zero from false alarms, see
+  :data:`GRAD_FLOOR`), and batch statistics and buffers within ``stats_tol``.
 
 What the defaults allow, measured on the SimpleCNN (``tests/test_parity_api.py``
 prints the report): logits 1.8e-7 and loss 4e-7 relative, so ``logit_tol`` and
