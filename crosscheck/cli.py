@@ -163,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schedules", help="torch lr schedulers vs jax_impl.schedules and optax")
     sch.add_argument("--out", type=Path, default=argparse.SUPPRESS)
     sch.add_argument("--steps", type=int, default=10_000)
+    from crosscheck import port
+    port.add_parser(sub).add_argument("--out", type=Path, default=argparse.SUPPRESS)
     return parser
 
 
@@ -170,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.command == "port":
+        from crosscheck import port
+        return port.run(args)
     if args.command == "schedules":
         from crosscheck import schedules
 

@@ -176,8 +176,8 @@ def test_errors_name_the_entry():
         convert.layers_of(torch.nn.ModuleDict({"rnn": torch.nn.RNN(2, 2)}))
     with pytest.raises(ConversionError, match=r"rename names modules the model does not have: \['nope'\]"):
         convert.layers_of(model, rename={"nope": "x"})
-    with pytest.raises(ConversionError, match=r"unknown kind 'lstm'"):
-        convert.Layer("x", "lstm", ("x",))
+    with pytest.raises(ConversionError, match=r"unknown kind 'rnn'"):
+        convert.Layer("x", "rnn", ("x",))
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
