@@ -51,6 +51,10 @@ TORCH_CPU_VECTOR_BYTES = 32
 DECAY_ROUNDINGS = ("torch", "precise")
 KERNELS = ("auto", "xla", "cpu")
 
+# Set by jax_impl.exact.apply_exact while it traces a wrapped transformation's
+# update: each adamw update then reports its options and the params it saw.
+_exact_recorders: list[Callable[[dict, optax.Params], None]] = []
+
 
 class AdamWState(NamedTuple):
     """State of :func:`adamw`; every array leaf mirrors a parameter, so it shards like it."""
@@ -536,6 +540,8 @@ def adamw(
         return _adamw_step(grads, state, params, **options)
 
     def update_fn(updates, state, params=None):
+        for record in _exact_recorders:
+            record(options, params)
         new_params, new_state = step_fn(updates, state, params)
         def delta(new, old):
             dtype = _update_dtype(old.dtype)
@@ -548,15 +554,9 @@ def adamw(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: AdamWState,
-                params: optax.Params) -> tuple[optax.Params, AdamWState]:
-    """One step of a :func:`adamw` transformation returning the new params themselves.
+def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
+                params: optax.Params, **extra_args) -> tuple[optax.Params, optax.OptState]:
+    """One step of ``tx`` returning the new params themselves (see :func:`jax_impl.exact.apply_exact`)."""
+    from jax_impl import exact
 
-    Unlike ``optax.apply_updates(params, updates)``, which adds the update back
-    and can lose low bits where a parameter crosses zero, this is torch's
-    result bit for bit everywhere.  Jittable; donate ``params`` and ``state``.
-    """
-    step = getattr(tx.update, "exact_step", None)
-    if step is None:
-        raise TypeError("apply_exact: tx must be a transformation made by jax_impl.adamw")
-    return step(grads, state, params)
+    return exact.apply_exact(tx, grads, state, params, **extra_args)
