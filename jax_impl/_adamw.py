@@ -28,6 +28,7 @@ new XLA release contracts or rewrites differently.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -74,18 +75,35 @@ class _StepScalars(NamedTuple):
     bias_correction2_sqrt: jax.Array  # sqrt(1 - b2**t)
 
 
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _concrete_hyperparameter(value):
+    """A Python float for a concrete number or array (so the host computes torch's scalars); a tracer as it is.
+
+    ``optax.inject_hyperparams`` passes its hyperparameters as arrays: concrete
+    ones in ``init`` or outside ``jax.jit``, traced ones inside it.
+    """
+    if _is_traced(value) or callable(value):
+        return value
+    return float(value)
+
+
 def _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
     # Same tests and wording as torch.optim.Adam, plus the name of our argument;
-    # `not 0.0 <= x` also rejects NaN.
-    if not callable(learning_rate) and not 0.0 <= learning_rate:
+    # `not 0.0 <= x` also rejects NaN.  Traced values (injected hyperparameters
+    # under jax.jit) cannot be tested without a host sync and are taken as they are.
+    known = lambda x: not _is_traced(x)  # noqa: E731
+    if not callable(learning_rate) and known(learning_rate) and not 0.0 <= learning_rate:
         raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
-    if not 0.0 <= eps:
+    if known(eps) and not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
-    if not 0.0 <= b1 < 1.0:
+    if known(b1) and not 0.0 <= b1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {b1} (b1 must be in [0, 1))")
-    if not 0.0 <= b2 < 1.0:
+    if known(b2) and not 0.0 <= b2 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {b2} (b2 must be in [0, 1))")
-    if not 0.0 <= weight_decay:
+    if known(weight_decay) and not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay must be >= 0)")
     if decay_rounding not in DECAY_ROUNDINGS:
         raise ValueError(f"Invalid decay_rounding: {decay_rounding!r} (expected one of {DECAY_ROUNDINGS})")
@@ -160,8 +178,57 @@ def _table_lookup(table: np.ndarray, saturated: bool, t: jax.Array, dtype,
     return jnp.where(t <= table.shape[0], value, beyond(t).astype(dtype))
 
 
+def _scalar_arithmetic_dtype() -> jnp.dtype:
+    """float64 for the per-step scalars of traced hyperparameters, where the backend has it (not on TPU)."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "tpu" else jnp.dtype(jnp.float64)
+
+
+def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, wide=None) -> _StepScalars:
+    """The scalars of :func:`_step_scalars` when a hyperparameter is traced (``optax.inject_hyperparams`` under jit).
+
+    torch computes them in double from its Python floats and rounds once to
+    ``dtype``; here the same double operations run in the graph, in a scoped
+    ``jax.enable_x64`` (the traced values are float32 or narrower, so their
+    double value is exact).  For a traced lr and weight decay with concrete
+    betas this is bitwise torch's with ``lr=float(lr)``: the bias corrections
+    come from the same host tables.  A traced beta's ``1 - beta**t`` uses XLA's
+    double ``pow`` instead of libm's (equal after rounding to float32 unless
+    the two differ across a float32 rounding boundary).  On a backend without
+    float64 (``wide=float32``) the arithmetic is float32 and rounds twice
+    (measured in ``tests/test_optax_conventions.py``).
+    """
+    wide = jnp.dtype(wide or _scalar_arithmetic_dtype())
+    scope = jax.enable_x64(True) if wide == jnp.float64 else contextlib.nullcontext()
+    with scope:
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr).astype(wide)
+        wd = jnp.asarray(weight_decay).astype(wide)
+        # torch's step is a float32 tensor, read back as a double.
+        t_wide = t.astype(jnp.float32).astype(wide)
+
+        def bias_correction(beta):
+            if _is_traced(beta):
+                return 1 - jnp.asarray(beta).astype(wide) ** t_wide
+            table = bc.bias_correction(beta)
+            return _table_lookup(table, bc.is_saturated(table), t, wide,
+                                 lambda t: 1 - jnp.asarray(beta, wide) ** t.astype(jnp.float32).astype(wide))
+
+        # Each product and quotient is followed by + (-0.0) that XLA cannot fold,
+        # so LLVM cannot contract it into the next add (torch's double
+        # arithmetic has no FMA here): fma(a, b, -0.0) is the rounded a * b.
+        neg_zero = -jnp.minimum(jnp.abs(lr), 0)
+        lr_wd = lr * wd + neg_zero
+        decay = 1 - lr_wd
+        step_size_neg = -(lr / bias_correction(b1) + neg_zero)
+        bias_correction2_sqrt = jnp.sqrt(bias_correction(b2))
+        return _StepScalars(decay.astype(dtype), lr_wd.astype(dtype), step_size_neg.astype(dtype),
+                            bias_correction2_sqrt.astype(dtype))
+
+
 def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _StepScalars:
     """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``."""
+    if any(_is_traced(x) for x in (learning_rate, b1, b2, weight_decay)):
+        return _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype)
     bc1_table, bc2_table = bc.bias_correction(b1), bc.bias_correction(b2)
     bc1_saturated, bc2_saturated = bc.is_saturated(bc1_table), bc.is_saturated(bc2_table)
     in_graph_bc = lambda beta, t, dt: 1 - jnp.asarray(beta, dt) ** t.astype(dt)  # noqa: E731
@@ -197,6 +264,17 @@ def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _Step
     return _StepScalars(decay, lr_wd, step_size_neg, bias_correction2_sqrt)
 
 
+def _as_scalar(value, dtype):
+    """``dtype(value)``: a Python float rounded once, or a traced hyperparameter cast in the graph."""
+    return jnp.asarray(value).astype(dtype) if _is_traced(value) else dtype.type(value)
+
+
+def _one_minus(beta, dtype):
+    """``dtype(1 - beta)`` rounded once, as torch rounds its double: exact in ``dtype`` arithmetic too,
+    since a traced beta is float32 or narrower and ``1 - beta`` is then exact before the one rounding."""
+    return 1 - jnp.asarray(beta).astype(dtype) if _is_traced(beta) else dtype.type(1 - beta)
+
+
 def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _StepScalars, *,
                   b1, b2, eps, decay, decay_rounding, amsgrad, maximize, tail):
     """One kernel pass over a leaf; ``tail`` is False (vector formula), True (scalar) or a mask of the scalar's elements.
@@ -219,14 +297,16 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
             p = p - scalars.lr_wd * p
 
     # exp_avg.lerp_(grad, 1 - b1), as torch's kernel writes it: one FMA.
-    weight = opmath.type(1 - b1)
-    if abs(weight) < 0.5:
+    weight = _one_minus(b1, opmath)
+    if _is_traced(weight):  # an injected b1: both of lerp's branches, selected in the graph
+        m = jnp.where(jnp.abs(weight) < 0.5, m + weight * (g - m), g + (weight - 1) * (g - m))
+    elif abs(weight) < 0.5:
         m = m + weight * (g - m)
     else:
         m = g + (weight - 1) * (g - m)
 
-    coefficient2 = opmath.type(1 - b2)
-    beta2 = opmath.type(b2)
+    coefficient2 = _one_minus(b2, opmath)
+    beta2 = _as_scalar(b2, opmath)
     # LLVM fuses whichever product it likes into the add; leaving only one bare
     # product in each sum picks the FMA torch has.
     def vector_v(g, v):
@@ -255,7 +335,7 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         new_max = scalar_max if tail is True else vector_max if tail is False else \
             jnp.where(tail, scalar_max, vector_max)
         v_for_denom = new_max
-    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + opmath.type(eps)
+    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + _as_scalar(eps, opmath)
     p = p + (scalars.step_size_neg * m) / denom
 
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
@@ -369,7 +449,9 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     _check_grads(grads, params)
     decay_flags = _resolve_mask(mask, params)
     tails = _resolve_tails(torch_layout, scalar_tail, params)
-    use_kernel = _use_kernel(kernel)
+    # The kernel takes b1, b2 and eps as compile-time attributes: injected
+    # (traced) ones go through the XLA path, which agrees with it bit for bit.
+    use_kernel = _use_kernel(kernel) and not any(_is_traced(x) for x in (b1, b2, eps))
     count = state.count
     t = optax.safe_increment(count)
     param_leaves, treedef = jax.tree.flatten(params)
@@ -386,7 +468,7 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
         opmath = _opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
-        decay = decay_on and weight_decay != 0
+        decay = decay_on and (_is_traced(weight_decay) or weight_decay != 0)
         if use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch":
             if p.size:
                 kernel_groups.setdefault(decay, []).append(i)
@@ -518,13 +600,14 @@ def adamw(
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2015.
     """
+    learning_rate, b1, b2, eps, weight_decay = (_concrete_hyperparameter(x)
+                                                for x in (learning_rate, b1, b2, eps, weight_decay))
     _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
     if torch_layout is not None:
         torch_layout = jax.tree.map(_validate_order, torch_layout)
-    options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
-                   weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+    options = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
                    kernel=kernel)
 
