@@ -85,7 +85,7 @@ def _new_param(p, m, v, vmax, scalars, *, eps, decay, decay_rounding, amsgrad):
     if decay:
         p = p * scalars.decay + neg_zero if decay_rounding == "torch" else p - scalars.lr_wd * p
     v_hat = vmax.astype(opmath) if amsgrad else v
-    denom = jnp.sqrt(v_hat) / (scalars.bias_correction2_sqrt + neg_zero) + opmath.type(eps)
+    denom = jnp.sqrt(v_hat) / (scalars.bias_correction2_sqrt + neg_zero) + _adamw._as_scalar(eps, opmath)
     return p + (scalars.step_size_neg * m) / denom
 
 
@@ -156,7 +156,10 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
                             "jax_impl.adamw reported while tx.update ran")
         options = dict(reported[leaf_keys])
         if hyperparams is not None:
-            options.update({k: v for k, v in hyperparams.items() if k in _INJECTABLE})
+            # The values this step used (a schedule's, or what the user wrote into
+            # state.hyperparams); concrete ones become Python floats, as adamw makes them.
+            options.update({k: _adamw._concrete_hyperparameter(v) for k, v in hyperparams.items()
+                            if k in _INJECTABLE})
         owned = [index[k] for k in leaf_keys]
         if any(new_leaves[i] is not None for i in owned):
             twice = [keys[i] for i in owned if new_leaves[i] is not None]
@@ -193,8 +196,8 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _adamw._step_scalars(options["learning_rate"], options["b1"], options["b2"],
                                                             options["weight_decay"], old.count, t, opmath)
-        decay = decay_flags[j] and not (isinstance(options["weight_decay"], (int, float))
-                                        and options["weight_decay"] == 0)
+        weight_decay = options["weight_decay"]
+        decay = decay_flags[j] and (_adamw._is_traced(weight_decay) or weight_decay != 0)
         stepped = _new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath], eps=options["eps"],
                              decay=decay, decay_rounding=options["decay_rounding"],
                              amsgrad=options["amsgrad"]).astype(p.dtype)

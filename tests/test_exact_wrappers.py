@@ -168,3 +168,40 @@ def test_exact_optimizer_through_a_chain():
         step(model, optimizer, grad_model)
     params = {k: getattr(model, k)[...] for k in initial_params()}
     assert mismatches(params, run_torch(one_group)) == {}
+
+
+LR_CHANGES = {0: 1e-2, 4: 3e-3, 9: 2.5e-2}  # step -> lr written from that step on (float32 values)
+
+
+def _torch_with_lr_changes(steps, every_k=1):
+    tparams = torch_params(initial_params())
+    # inject_hyperparams holds its hyperparameters as float32 arrays: torch gets the same floats.
+    optimizer = torch.optim.AdamW(tparams.values(), lr=LR, weight_decay=float(np.float32(WD)), fused=True)
+    for t in range(steps):
+        if t % every_k == 0 and t // every_k in LR_CHANGES:
+            optimizer.param_groups[0]["lr"] = float(np.float32(LR_CHANGES[t // every_k]))
+        for n, p in tparams.items():
+            g = torch.from_numpy(gradients(t)[n])
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        if (t + 1) % every_k == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    return tparams
+
+
+@pytest.mark.parametrize("every_k", [1, 2])
+def test_injected_lr_changed_mid_run_under_jit(every_k):
+    # b1, b2, eps static: injected, they would be float32(0.9) etc., not torch's 0.9.
+    inner = optax.inject_hyperparams(jax_impl.adamw, static_args=("b1", "b2", "eps"))(learning_rate=LR,
+                                                                                      weight_decay=WD)
+    tx = inner if every_k == 1 else optax.MultiSteps(inner, every_k, use_grad_mean=False)
+    params = to_jax(initial_params())
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    steps = 14 * every_k
+    for t in range(steps):
+        if t % every_k == 0 and t // every_k in LR_CHANGES:
+            hyper = state.hyperparams if every_k == 1 else state.inner_opt_state.hyperparams
+            hyper["learning_rate"] = jnp.asarray(LR_CHANGES[t // every_k], jnp.float32)
+        params, state = step(to_jax(gradients(t)), state, params)
+    assert mismatches(params, _torch_with_lr_changes(steps, every_k)) == {}
