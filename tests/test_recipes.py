@@ -80,3 +80,100 @@ def test_torch_accumulation_is_the_same_on_every_sharding():
 def test_torch_accumulation_rejects_bad_every_k():
     with pytest.raises(ValueError, match="every_k"):
         torch_accumulation(jax_impl.adamw(), 0)
+
+
+# ---------------------------------------------------------------- param groups
+
+GROUPS = [{"weight_decay": 0.1},
+          {"weight_decay": 0.0, "lr": 3e-2, "eps": 1e-6},
+          {"lr": 5e-3, "betas": (0.8, 0.99), "amsgrad": True, "maximize": True}]
+LABELS = {"w": 0, "b": 1, "head": 2}
+
+
+def torch_groups(tparams, groups=GROUPS, labels=LABELS, **defaults):
+    return torch.optim.AdamW([{"params": [tparams[k] for k, g in labels.items() if g == i], **group}
+                              for i, group in enumerate(groups)], fused=True, **defaults)
+
+
+def test_param_groups_are_torch_bitwise():
+    steps = 15
+    tx = jax_impl.param_groups(GROUPS, LABELS, lr=1e-2)
+    params, _ = run_jax(tx, gradients, steps)
+    tparams = torch_params(initial_params())
+    optimizer = torch_groups(tparams, lr=1e-2)
+    for t in range(steps):
+        for k, p in tparams.items():
+            p.grad = torch.from_numpy(gradients(t)[k])
+        optimizer.step()
+    assert mismatches(params, tparams) == {}
+
+
+def test_param_group_schedule_is_torch_bitwise():
+    # A torch lr scheduler on one group (LambdaLR with a per-group lambda) = a TorchSchedule for that group.
+    steps = 12
+    schedule = jax_impl.schedules.step_lr(3e-2, step_size=4, gamma=0.5)
+    groups = [{"weight_decay": 0.1}, {"lr": schedule}, {"lr": 5e-3, "amsgrad": True}]
+    params, _ = run_jax(jax_impl.param_groups(groups, LABELS, lr=1e-2), gradients, steps)
+    tparams = torch_params(initial_params())
+    optimizer = torch_groups(tparams, [{"weight_decay": 0.1}, {"lr": 3e-2}, {"lr": 5e-3, "amsgrad": True}], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda e: 1.0, lambda e: 0.5 ** (e // 4), lambda e: 1.0])
+    for t in range(steps):
+        for k, p in tparams.items():
+            p.grad = torch.from_numpy(gradients(t)[k])
+        optimizer.step()
+        scheduler.step()
+    assert mismatches(params, tparams) == {}
+
+
+def test_add_param_group_mid_run_is_torch_bitwise():
+    first, later = {"w": 0, "b": 1}, {"w": 0, "b": 1, "head": 2}
+    groups = GROUPS[:2]
+    init = initial_params()
+    params = to_jax({k: init[k] for k in first})
+    tx = jax_impl.param_groups(groups, first, lr=1e-2)
+    state = tx.init(params)
+    tparams = torch_params(init)
+    optimizer = torch_groups(tparams, groups, first, lr=1e-2)
+    for t in range(10):
+        if t == 5:
+            optimizer.add_param_group({"params": [tparams["head"]], **GROUPS[2]})
+            params = {**params, "head": jnp.asarray(init["head"])}
+            tx, state = jax_impl.add_param_group(groups, later, state, params, GROUPS[2], lr=1e-2)
+        grads = {k: v for k, v in gradients(t).items() if k in params}
+        params, state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(to_jax(grads), state, params)
+        for k, p in tparams.items():
+            p.grad = torch.from_numpy(gradients(t)[k]) if k in grads else None
+        optimizer.step()
+    assert mismatches(params, tparams) == {}
+    assert [int(s.inner_state.count) for s in state.inner_states.values()] == [10, 10, 5]
+
+
+def test_param_groups_state_converts_both_ways():
+    from crosscheck import convert
+    from jax_impl import groups as pg
+    from tests.helpers import TorchCNN, shared_gradient
+
+    torch.manual_seed(0)
+    model = TorchCNN()
+    layers = convert.layers_of(model, flatten_from={"fc": (4, 3, 3)})
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    rest = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.ndim > 1)]
+    groups = [{"weight_decay": 0.1}, {"weight_decay": 0.0, "lr": 3e-2, "amsgrad": True}]
+    optimizer = torch.optim.AdamW([{"params": decay, **groups[0]}, {"params": rest, **groups[1]}], lr=1e-2,
+                                  fused=True)
+    for t in range(3):
+        shared_gradient(model, t)
+        optimizer.step()
+    names = convert.param_names(model, optimizer)
+    params = convert.params_to_flax({n: p.detach() for n, p in model.named_parameters()}, layers)
+    params = jax.tree.map(jnp.asarray, params)
+    labels = jax.tree.map(lambda x: 0 if x.ndim > 1 else 1, params)
+    tx = jax_impl.param_groups(groups, labels, lr=1e-2)
+    state = pg.torch_state_to_jax(optimizer.state_dict(), layers, names, tx, params)
+    assert [int(s.inner_state.count) for s in state.inner_states.values()] == [3, 3]
+    back = pg.jax_state_to_torch(state, layers, names, optimizer.state_dict()["param_groups"])
+    original = optimizer.state_dict()
+    assert set(back["state"]) == set(original["state"])
+    for i, entry in original["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(back["state"][i][key], value), (i, key)
