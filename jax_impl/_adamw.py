@@ -144,11 +144,18 @@ def _check_grads(grads: optax.Updates, params: optax.Params) -> None:
                 f"adamw: gradient for parameter {where} has shape {jnp.shape(g)}, "
                 f"the parameter has shape {jnp.shape(p)}"
             )
-        if jnp.result_type(g) != jnp.result_type(p):
+        if jnp.result_type(g) != jnp.result_type(p) and not _widens_exactly(jnp.result_type(g), jnp.result_type(p)):
             raise TypeError(
                 f"adamw: gradient for parameter {where} has dtype {jnp.result_type(g)}, "
-                f"the parameter has dtype {jnp.result_type(p)}"
+                f"the parameter has dtype {jnp.result_type(p)} (a gradient may be narrower, e.g. bfloat16 "
+                "for float32 params, and is then cast up exactly as torch's autocast backward does)"
             )
+
+
+def _widens_exactly(grad_dtype, param_dtype) -> bool:
+    """True for a narrower float gradient (bfloat16/float16 for float32, float32 for float64): casting it is exact."""
+    return (jnp.issubdtype(grad_dtype, jnp.floating) and jnp.dtype(grad_dtype).itemsize < jnp.dtype(param_dtype).itemsize
+            and jnp.promote_types(grad_dtype, param_dtype) == jnp.dtype(param_dtype))
 
 
 def _resolve_mask(mask: MaskOrFn, params: optax.Params) -> list[bool]:
@@ -447,6 +454,9 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
+    # Mixed precision: narrower gradients (bfloat16 for float32 master weights) are cast up, exactly.
+    grads = jax.tree.map(lambda g, p: g if jnp.result_type(g) == jnp.result_type(p) else g.astype(p.dtype),
+                         grads, params)
     decay_flags = _resolve_mask(mask, params)
     tails = _resolve_tails(torch_layout, scalar_tail, params)
     # The kernel takes b1, b2 and eps as compile-time attributes: injected

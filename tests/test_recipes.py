@@ -216,3 +216,85 @@ def test_tabulate_rejects_bad_horizon():
 
     with pytest.raises(ValueError, match="horizon"):
         tabulate(optax.constant_schedule(1e-3), 0)
+
+
+# ---------------------------------------------------------------- mixed precision
+
+def test_autocast_recipe_shared_gradients_are_torch_bitwise():
+    # torch: float32 model under autocast(bfloat16); nnx: param_dtype=float32, dtype=bfloat16.  The optimizer
+    # sees float32 master weights and float32 gradients in both (autocast's backward casts up): shared, bitwise.
+    from flax import nnx
+
+    torch.manual_seed(0)
+    # An (8, 4) kernel: a multiple of torch's 8-float vector, so transposing it moves no scalar-tail element.
+    torch_model = torch.nn.Linear(8, 4)
+    flax_model = nnx.Linear(8, 4, param_dtype=jnp.float32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    flax_model.kernel[...] = jnp.asarray(torch_model.weight.detach().numpy().T)
+    flax_model.bias[...] = jnp.asarray(torch_model.bias.detach().numpy())
+    optimizer = torch.optim.AdamW(torch_model.parameters(), lr=LR, weight_decay=WD, fused=True)
+    nnx_optimizer = jax_impl.ExactOptimizer(flax_model, jax_impl.adamw(LR, weight_decay=WD), wrt=nnx.Param)
+    x_all = np.random.default_rng(0).standard_normal((6, 5, 8)).astype(np.float32)
+    for x in x_all:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch_model(torch.from_numpy(x))
+        assert y.dtype == torch.bfloat16
+        optimizer.zero_grad()
+        y.float().square().mean().backward()
+        assert torch_model.weight.grad.dtype == torch.float32
+        grads = nnx.State({"kernel": nnx.Param(jnp.asarray(torch_model.weight.grad.numpy().T)),
+                           "bias": nnx.Param(jnp.asarray(torch_model.bias.grad.numpy()))})
+        optimizer.step()
+        nnx_optimizer.update(flax_model, grads)
+        assert flax_model(jnp.asarray(x)).dtype == jnp.bfloat16
+    assert mismatches({"w": np.asarray(flax_model.kernel[...]).T, "b": flax_model.bias[...]},
+                      {"w": torch_model.weight, "b": torch_model.bias}) == {}
+
+
+def test_bfloat16_gradients_for_float32_params_are_cast_as_torch_does():
+    steps = 8
+    bf16 = lambda t: {k: jnp.asarray(v, jnp.bfloat16) for k, v in gradients(t).items()}  # noqa: E731
+    params, _ = run_jax(jax_impl.adamw(LR, weight_decay=WD), bf16, steps)
+    tparams = torch_params(initial_params())
+    optimizer = torch.optim.AdamW(tparams.values(), lr=LR, weight_decay=WD, fused=True)
+    for t in range(steps):
+        for k, p in tparams.items():
+            p.grad = torch.from_numpy(gradients(t)[k]).bfloat16().float()
+        optimizer.step()
+    assert mismatches(params, tparams) == {}
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_twin_skips_the_steps_torch_skips(unscale_first):
+    from jax_impl import clipping
+    from jax_impl.loss_scale import grad_scaler
+
+    steps, bad = 14, {2, 3, 9}
+    adamw = jax_impl.adamw(LR, weight_decay=WD)
+    inner = optax.chain(clipping.clip_grad_norm(1.0, order=[2, 0, 1]), adamw) if unscale_first else adamw
+    tx = grad_scaler(inner, init_scale=2.0 ** 10, growth_interval=3, unscale_first=unscale_first)
+    params = to_jax(initial_params())
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    tparams = torch_params(initial_params())
+    optimizer = torch.optim.AdamW(tparams.values(), lr=LR, weight_decay=WD, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    scaler.scale(torch.ones(()))  # creates the scale, as scaler.scale(loss) does
+    scales = []
+    for t in range(steps):
+        assert float(state.scale) == scaler.get_scale()
+        scales.append(scaler.get_scale())
+        scaled = {k: v * np.float32(scaler.get_scale()) for k, v in gradients(t).items()}  # d(loss * scale)
+        if t in bad:
+            scaled["w"][1, 2] = np.inf
+        params, state = step(to_jax(scaled), state, params)
+        for k, p in tparams.items():
+            p.grad = torch.from_numpy(scaled[k].copy())
+        if unscale_first:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([tparams[k] for k in ("head", "w", "b")], 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        assert bool(state.found_inf) == (t in bad)
+    assert len(set(scales)) > 2  # the scale backed off and grew
+    assert int(state.inner_opt_state[-1].count if unscale_first else state.inner_opt_state.count) == steps - len(bad)
+    assert mismatches(params, tparams) == {}
