@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schedules", help="torch lr schedulers vs jax_impl.schedules and optax")
     sch.add_argument("--out", type=Path, default=argparse.SUPPRESS)
     sch.add_argument("--steps", type=int, default=10_000)
+    from crosscheck import recipes
+
+    recipes.add_parser(sub)
     return parser
 
 
@@ -170,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if args.command == "recipes":
+        from crosscheck import recipes
+
+        return recipes.run(args)
     if args.command == "schedules":
         from crosscheck import schedules
 

@@ -134,13 +134,15 @@ def test_add_param_group_mid_run_is_torch_bitwise():
     state = tx.init(params)
     tparams = torch_params(init)
     optimizer = torch_groups(tparams, groups, first, lr=1e-2)
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
     for t in range(10):
         if t == 5:
             optimizer.add_param_group({"params": [tparams["head"]], **GROUPS[2]})
             params = {**params, "head": jnp.asarray(init["head"])}
             tx, state = jax_impl.add_param_group(groups, later, state, params, GROUPS[2], lr=1e-2)
+            step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
         grads = {k: v for k, v in gradients(t).items() if k in params}
-        params, state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(to_jax(grads), state, params)
+        params, state = step(to_jax(grads), state, params)
         for k, p in tparams.items():
             p.grad = torch.from_numpy(gradients(t)[k]) if k in grads else None
         optimizer.step()
@@ -298,3 +300,23 @@ def test_grad_scaler_twin_skips_the_steps_torch_skips(unscale_first):
     assert len(set(scales)) > 2  # the scale backed off and grew
     assert int(state.inner_opt_state[-1].count if unscale_first else state.inner_opt_state.count) == steps - len(bad)
     assert mismatches(params, tparams) == {}
+
+
+# ---------------------------------------------------------------- the measuring command
+
+def test_recipes_command_rejects_bad_steps(tmp_path):
+    from crosscheck.cli import main
+
+    assert main(["--out", str(tmp_path), "recipes", "--steps", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_recipes_command_passes_and_writes_its_report(tmp_path):
+    import json
+
+    from crosscheck.cli import main
+
+    assert main(["--out", str(tmp_path), "recipes", "--steps", "10"]) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert all(r["bitwise"] for r in rows if r["expected_exact"])
+    assert (tmp_path / "report.md").exists() and (tmp_path / "recipes.png").exists()
