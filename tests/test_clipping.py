@@ -58,6 +58,7 @@ def test_clip_grad_norm_is_torch_bitwise(max_norm, norm_type, foreach):
 def test_clip_grad_norm_order_matters_and_optax_differs():
     # The two alternatives (tree order, optax's own) land elsewhere on some steps: the test can fail.
     differ_order = differ_optax = 0
+    worst_optax = 0.0
     by_tree_order, by_optax_fn = jax.jit(clipping.clip_grad_norm(1.0).update), jax.jit(optax.clip_by_global_norm(1.0).update)
     for t in range(20):
         grads = gradients(t, scale=0.7)
@@ -69,7 +70,11 @@ def test_clip_grad_norm_order_matters_and_optax_differs():
         by_optax, _ = by_optax_fn(to_jax(grads), None)
         differ_order += bool(mismatches(tree_order, want))
         differ_optax += bool(mismatches(by_optax, want))
+        for k, g in want.items():  # optax's own: measured up to 3.9e-7 relative over 50 steps (README)
+            worst_optax = max(worst_optax, float(np.max(np.abs(np.asarray(by_optax[k]) - g.numpy())
+                                                        / np.abs(g.numpy()))))
     assert differ_optax > 0 and differ_order > 0
+    assert worst_optax < 1e-6
 
 
 def test_error_if_nonfinite():
