@@ -16,7 +16,8 @@ elements ``j, j+8, j+16, ...``; the lanes are then summed left to right; the
 last ``numel % 8`` elements are added by scalar code, which the wheel's
 compiler turned into ``acc + x*x`` (rounded square) for the first 4 of them
 when there are at least 4, and ``fma(x, x, acc)`` for the others (measured:
-``tests/test_clipping.py`` tries every tail length); the result is ``sqrt``.  :func:`torch_vector_norm` does the same, so the norms,
+``tests/test_clipping.py`` tries every tail length); the result is ``sqrt``.
+:func:`torch_vector_norm` does the same, so the norms,
 the coefficient and the clipped gradients are torch's bit for bit (pinned by
 ``tests/test_clipping.py``).
 

@@ -38,6 +38,8 @@ Where this cannot be exact it refuses or says so:
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Any
 
 import jax
@@ -97,8 +99,10 @@ def _same_bits_or_tiny(x, y):
     return (x == y) | (jnp.isnan(x) & jnp.isnan(y))
 
 
-def _raise_if_changed(changed, where):
-    if bool(changed):
+def _raise_if_changed(changed, wheres):
+    changed = np.asarray(changed)
+    if changed.any():
+        where = wheres[int(np.argmax(changed))]
         raise UpdatesChangedError(
             f"apply_exact: the updates of parameter {where} are not the ones jax_impl.adamw returned; a "
             "transformation after adamw changed them (e.g. optax.chain(adamw, optax.scale(...))), which writing "
@@ -125,9 +129,11 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         return step(grads, state, params)  # a bare adamw: its own step, one pass (the CPU kernel when it applies)
 
     reported: dict[tuple[str, ...], dict] = {}
+    thread = threading.get_ident()
 
     def record(options: dict, seen_params: optax.Params) -> None:
-        reported.setdefault(_leaf_keys(seen_params), options)
+        if threading.get_ident() == thread:  # not another thread tracing its own step meanwhile
+            reported.setdefault(_leaf_keys(seen_params), options)
 
     _adamw._exact_recorders.append(record)
     try:
@@ -170,8 +176,10 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
     for i, (p, u) in enumerate(zip(param_leaves, update_leaves)):
         if new_leaves[i] is None:  # not an AdamW leaf: what optax.apply_updates does
             new_leaves[i] = None if p is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-    for where, changed in checks:
-        jax.debug.callback(_raise_if_changed, changed, where)
+    if checks:  # one callback for all leaves: a host round trip per step, not per leaf
+        wheres = [where for where, _ in checks]
+        jax.debug.callback(functools.partial(_raise_if_changed, wheres=wheres),
+                           jnp.stack([changed for _, changed in checks]))
     return treedef.unflatten(new_leaves), new_state
 
 
@@ -208,8 +216,3 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
         own_update = stepped - p
         checks.append((keys[i], jnp.any(applied & ~_same_bits_or_tiny(u, own_update))))
 
-
-def tree_all_equal(a, b) -> bool:
-    """Bitwise equality of two trees of arrays (NaN equal to NaN), for tests and examples."""
-    return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))

@@ -59,7 +59,8 @@ def test_clip_grad_norm_order_matters_and_optax_differs():
     # The two alternatives (tree order, optax's own) land elsewhere on some steps: the test can fail.
     differ_order = differ_optax = 0
     worst_optax = 0.0
-    by_tree_order, by_optax_fn = jax.jit(clipping.clip_grad_norm(1.0).update), jax.jit(optax.clip_by_global_norm(1.0).update)
+    by_tree_order = jax.jit(clipping.clip_grad_norm(1.0).update)
+    by_optax_fn = jax.jit(optax.clip_by_global_norm(1.0).update)
     for t in range(20):
         grads = gradients(t, scale=0.7)
         tparams = torch_params(initial_params())
