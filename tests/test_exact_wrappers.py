@@ -207,3 +207,23 @@ def test_injected_lr_changed_mid_run_under_jit(every_k):
             hyper["learning_rate"] = jnp.asarray(LR_CHANGES[t // every_k], jnp.float32)
         params, state = step(to_jax(gradients(t)), state, params)
     assert mismatches(params, _torch_with_lr_changes(steps, every_k)) == {}
+
+
+@pytest.mark.parametrize("options", [{"decay_rounding": "precise"}, {"amsgrad": True, "maximize": True},
+                                     {"kernel": "xla", "b1": 0.3, "b2": 0.6}, {"dtype": "float64"}])
+def test_wrapped_step_equals_the_bare_step_for_every_option(options, x64):
+    # The params apply_exact recomputes from the moments are the kernel's own, whatever the options.
+    options = dict(options)
+    dtype = options.pop("dtype", "float32")
+    tx = jax_impl.adamw(LR, weight_decay=WD, **options)
+    wrapped = optax.chain(optax.identity(), tx)
+    bare = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    through = jax.jit(lambda g, s, p: jax_impl.apply_exact(wrapped, g, s, p))
+    p1 = p2 = {k: jnp.asarray(v, dtype) for k, v in initial_params().items()}
+    s1, s2 = tx.init(p1), wrapped.init(p2)
+    for t in range(15):
+        g = {k: jnp.asarray(v, dtype) for k, v in gradients(t).items()}
+        p1, s1 = bare(g, s1, p1)
+        p2, s2 = through(g, s2, p2)
+    for k in p1:
+        assert np.asarray(p1[k]).tobytes() == np.asarray(p2[k]).tobytes(), k
