@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     sch.add_argument("--steps", type=int, default=10_000)
     from crosscheck import port
     port.add_parser(sub).add_argument("--out", type=Path, default=argparse.SUPPRESS)
+    from crosscheck import recipes
+
+    recipes.add_parser(sub)
     return parser
 
 
@@ -175,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "port":
         from crosscheck import port
         return port.run(args)
+    if args.command == "recipes":
+        from crosscheck import recipes
+
+        return recipes.run(args)
     if args.command == "schedules":
         from crosscheck import schedules
 

@@ -4,9 +4,10 @@ from jax_impl import schedules
 from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name
+from jax_impl.groups import add_param_group, param_groups
 
-__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "apply_exact", "decay_mask_by_name", "schedules",
-           "torch_cpu_vector_width"]
+__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "add_param_group", "apply_exact",
+           "decay_mask_by_name", "param_groups", "schedules", "torch_cpu_vector_width"]
 
 
 def __getattr__(name):

@@ -52,6 +52,10 @@ TORCH_CPU_VECTOR_BYTES = 32
 DECAY_ROUNDINGS = ("torch", "precise")
 KERNELS = ("auto", "xla", "cpu")
 
+# Set by jax_impl.exact.apply_exact while it traces a wrapped transformation's
+# update: each adamw update then reports its options and the params it saw.
+_exact_recorders: list[Callable[[dict, optax.Params], None]] = []
+
 
 class AdamWState(NamedTuple):
     """State of :func:`adamw`; every array leaf mirrors a parameter, so it shards like it."""
@@ -567,6 +571,9 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
+    # Mixed precision: narrower gradients (bfloat16 for float32 master weights) are cast up, exactly.
+    grads = jax.tree.map(lambda g, p: g if jnp.result_type(g) == jnp.result_type(p) else g.astype(p.dtype),
+                         grads, params)
     decay_flags = _resolve_mask(mask, params)
     tails = _resolve_tails(torch_layout, scalar_tail, params)
     # The kernel takes b1, b2 and eps as compile-time attributes: injected
@@ -778,6 +785,8 @@ def adamw(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # optax.GradientTransformationExtraArgs: extra arguments are for other transformations
+        for record in _exact_recorders:
+            record(options, params)
         new_params, new_state = step_fn(updates, state, params)
         def delta(new, old):
             dtype = _update_dtype(old.dtype)
@@ -796,15 +805,9 @@ def adamw(
 adamw.__annotations__["learning_rate"] = optax.ScalarOrSchedule
 
 
-def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: AdamWState,
-                params: optax.Params) -> tuple[optax.Params, AdamWState]:
-    """One step of a :func:`adamw` transformation returning the new params themselves.
+def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
+                params: optax.Params, **extra_args) -> tuple[optax.Params, optax.OptState]:
+    """One step of ``tx`` returning the new params themselves (see :func:`jax_impl.exact.apply_exact`)."""
+    from jax_impl import exact
 
-    Unlike ``optax.apply_updates(params, updates)``, which adds the update back
-    and can lose low bits where a parameter crosses zero, this is torch's
-    result bit for bit everywhere.  Jittable; donate ``params`` and ``state``.
-    """
-    step = getattr(tx.update, "exact_step", None)
-    if step is None:
-        raise TypeError("apply_exact: tx must be a transformation made by jax_impl.adamw")
-    return step(grads, state, params)
+    return exact.apply_exact(tx, grads, state, params, **extra_args)

@@ -13,16 +13,17 @@ class ExactOptimizer(nnx.Optimizer):
     ``nnx.Optimizer.update`` applies ``p + (p_new - p)`` through
     ``optax.apply_updates``, which can lose low bits where a float32 parameter
     nears zero; this one writes ``p_new`` (:func:`jax_impl.apply_exact`).
-    Same constructor and ``update(model, grads)`` as ``nnx.Optimizer``.
+    ``tx`` may wrap the AdamW (``optax.chain`` with clipping before it,
+    ``MultiSteps``, ``multi_transform``, ``inject_hyperparams``,
+    ``apply_if_finite``, ``jax_impl.param_groups``, ...).  Same constructor and
+    ``update(model, grads, **kwargs)`` as ``nnx.Optimizer`` (kwargs go to ``tx.update``).
     """
 
     def update(self, model, grads, /, **kwargs):
-        if kwargs:
-            raise TypeError(f"ExactOptimizer.update takes no extra arguments, got {sorted(kwargs)}")
         graph = {"graph": self.graph} if hasattr(self, "graph") else {}
         params = nnx.as_pure(nnx.state(model, self.wrt, **graph))
         grad_arrays = nnx.as_pure(nnx.state(grads, self.wrt, **graph))
-        new_params, new_state = apply_exact(self.tx, grad_arrays, nnx.as_pure(self.opt_state), params)
+        new_params, new_state = apply_exact(self.tx, grad_arrays, nnx.as_pure(self.opt_state), params, **kwargs)
         nnx.update(model, new_params)
         nnx.update(self.opt_state, nnx.state(new_state, **graph))
         self.step[...] += 1

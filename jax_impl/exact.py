@@ -1,0 +1,218 @@
+"""The exact step through optax's wrappers: the params written by the last AdamW, not re-added.
+
+``optax.apply_updates`` computes ``p + u`` with ``u = p_new - p`` rounded to
+the param dtype; near a zero crossing (``|p_new| << |p|``) no float32 ``u``
+gives ``p + u == p_new``.  A bare :func:`jax_impl.adamw` hands ``p_new`` over
+directly.  Inside a wrapper (``optax.chain``, ``optax.MultiSteps``,
+``optax.multi_transform`` / ``masked``, ``optax.inject_hyperparams``,
+``optax.apply_if_finite``, :func:`jax_impl.accumulation.torch_accumulation`)
+the update may run inside ``lax.cond``, so ``p_new`` cannot leave it through a
+trace-time side channel.  What every wrapper does carry out faithfully is the
+AdamW *state*: the new moments when the step was taken, the old ones when it
+was skipped (a mid step of ``MultiSteps``, a non-finite step of
+``apply_if_finite``).
+
+The new param is a function of the old param and the new moments alone
+(torch's kernel: ``p' = p*(1 - lr*wd)``, ``p_new = p' - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)``,
+with ``m`` and ``v`` exactly the float32/float64 values it stores).  So
+:func:`apply_exact` runs ``tx.update``, finds each AdamW's old and new state in
+the state trees, and writes ``p_new`` from them where the count advanced,
+``p`` where it did not.  While tracing, each ``jax_impl.adamw`` reports its
+options and the leaves it updates (Python values only: nothing traced leaves
+a ``cond``); injected hyperparameters are read from the wrapper's new state.
+
+Where this cannot be exact it refuses or says so:
+
+* half-precision leaves: the kernel keeps its moments in float32 registers and
+  stores them rounded, so they cannot be recomputed; their float32 ``u`` is
+  exact, so ``p + u`` is used (what ``optax.apply_updates`` does);
+* a leaf updated by two AdamWs: ``TypeError`` at trace time;
+* leaves no AdamW updates (``optax.set_to_zero()`` for frozen leaves, another
+  optimizer in ``multi_transform``) get ``p + u``, as ``optax.apply_updates``;
+* a transformation *after* the AdamW that changes its updates
+  (``optax.chain(adamw, optax.scale(0.5))``) would be silently dropped by
+  writing ``p_new``; :func:`apply_exact` compares the updates it received with
+  AdamW's own ``p_new - p`` and raises (at run time, through
+  ``jax.debug.callback``) where they differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_impl import _adamw
+from jax_impl._adamw import AdamWState
+
+# The arguments of jax_impl.adamw that optax.inject_hyperparams can inject.
+_INJECTABLE = ("learning_rate", "b1", "b2", "eps", "weight_decay")
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+class UpdatesChangedError(RuntimeError):
+    """A transformation after ``jax_impl.adamw`` changed its updates: writing AdamW's params would drop that."""
+
+
+def _leaf_keys(tree) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _adamw_states(tree) -> list[tuple[AdamWState, dict | None]]:
+    """Every AdamWState in an optimizer state, in tree order, with the hyperparams injected into it (or None)."""
+    found = []
+    is_node = lambda x: isinstance(x, (AdamWState, *_INJECT_STATES))  # noqa: E731
+    for node in jax.tree.leaves(tree, is_leaf=is_node):
+        if isinstance(node, AdamWState):
+            found.append((node, None))
+        elif isinstance(node, _INJECT_STATES):
+            if isinstance(node.inner_state, AdamWState):
+                found.append((node.inner_state, dict(node.hyperparams)))
+            else:
+                found += _adamw_states(node.inner_state)
+    return found
+
+
+def _new_param(p, m, v, vmax, scalars, *, eps, decay, decay_rounding, amsgrad):
+    """``p_new`` from ``p`` and the new moments, with the operations and rounding of ``_adamw._leaf_formula``."""
+    opmath = _adamw._opmath_dtype(p.dtype)
+    p, m, v = (x.astype(opmath) for x in (p, m, v))
+    # -0.0 that XLA cannot fold (NaN only where m is NaN, and then torch's p is NaN too).
+    neg_zero = -jnp.minimum(jnp.abs(m), 0)
+    if decay:
+        p = p * scalars.decay + neg_zero if decay_rounding == "torch" else p - scalars.lr_wd * p
+    v_hat = vmax.astype(opmath) if amsgrad else v
+    denom = jnp.sqrt(v_hat) / (scalars.bias_correction2_sqrt + neg_zero) + _adamw._as_scalar(eps, opmath)
+    return p + (scalars.step_size_neg * m) / denom
+
+
+def _same_bits_or_tiny(x, y):
+    """x == y, NaN equal to NaN, values below the smallest normal taken as 0 (XLA:CPU may flush them)."""
+    tiny = jnp.finfo(x.dtype).tiny
+    flush = lambda a: jnp.where(jnp.abs(a) < tiny, jnp.zeros_like(a), a)  # noqa: E731
+    x, y = flush(x), flush(y)
+    return (x == y) | (jnp.isnan(x) & jnp.isnan(y))
+
+
+def _raise_if_changed(changed, wheres):
+    changed = np.asarray(changed)
+    if changed.any():
+        where = wheres[int(np.argmax(changed))]
+        raise UpdatesChangedError(
+            f"apply_exact: the updates of parameter {where} are not the ones jax_impl.adamw returned; a "
+            "transformation after adamw changed them (e.g. optax.chain(adamw, optax.scale(...))), which writing "
+            "AdamW's params would drop. Put such transformations before adamw, or use optax.apply_updates.")
+
+
+def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
+                params: optax.Params, **extra_args: Any) -> tuple[optax.Params, optax.OptState]:
+    """One step of ``tx`` returning the new params themselves, bitwise torch's for every AdamW leaf.
+
+    ``tx`` is a :func:`jax_impl.adamw` or any optax wrapper around one or more
+    (``chain`` with transformations before it, ``MultiSteps``,
+    ``multi_transform``, ``masked``, ``inject_hyperparams``,
+    ``apply_if_finite``, :func:`jax_impl.accumulation.torch_accumulation`).
+    Leaves that no AdamW updates get ``p + u`` as with ``optax.apply_updates``.
+    Jittable; donate ``params`` and ``state``.
+
+    Raises:
+      TypeError: ``tx`` contains no ``jax_impl.adamw``, or two update one leaf.
+      UpdatesChangedError: (at run time) a transformation after adamw changed its updates.
+    """
+    step = getattr(tx.update, "exact_step", None)
+    if step is not None and not extra_args:
+        return step(grads, state, params)  # a bare adamw: its own step, one pass (the CPU kernel when it applies)
+
+    reported: dict[tuple[str, ...], dict] = {}
+    thread = threading.get_ident()
+
+    def record(options: dict, seen_params: optax.Params) -> None:
+        if threading.get_ident() == thread:  # not another thread tracing its own step meanwhile
+            reported.setdefault(_leaf_keys(seen_params), options)
+
+    _adamw._exact_recorders.append(record)
+    try:
+        updates, new_state = tx.update(grads, state, params, **extra_args)
+    finally:
+        _adamw._exact_recorders.remove(record)
+    if not reported:
+        raise TypeError("apply_exact: tx must contain a transformation made by jax_impl.adamw "
+                        f"(got {type(tx).__name__} whose update never called one)")
+
+    param_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = [jax.tree_util.keystr(path) for path, _ in param_paths]
+    param_leaves = [leaf for _, leaf in param_paths]
+    update_leaves = treedef.flatten_up_to(updates)
+    index = {key: i for i, key in enumerate(keys)}
+    new_leaves: list = [None] * len(param_leaves)
+    checks = []
+
+    olds, news = _adamw_states(state), _adamw_states(new_state)
+    if len(olds) != len(news):
+        raise TypeError("apply_exact: tx.update changed the number of AdamW states in the optimizer state")
+    for (old, _), (new, hyperparams) in zip(olds, news):
+        leaf_keys = _leaf_keys(new.exp_avg)
+        if leaf_keys not in reported:
+            raise TypeError(f"apply_exact: found an AdamW state for parameters {list(leaf_keys)} that no "
+                            "jax_impl.adamw reported while tx.update ran")
+        options = dict(reported[leaf_keys])
+        if hyperparams is not None:
+            # The values this step used (a schedule's, or what the user wrote into
+            # state.hyperparams); concrete ones become Python floats, as adamw makes them.
+            options.update({k: _adamw._concrete_hyperparameter(v) for k, v in hyperparams.items()
+                            if k in _INJECTABLE})
+        owned = [index[k] for k in leaf_keys]
+        if any(new_leaves[i] is not None for i in owned):
+            twice = [keys[i] for i in owned if new_leaves[i] is not None]
+            raise TypeError(f"apply_exact: parameters {twice} are updated by two jax_impl.adamw transformations; "
+                            "only one AdamW may write a parameter")
+        _write_adamw_leaves(options, old, new, owned, param_leaves, update_leaves, keys, new_leaves, checks)
+
+    for i, (p, u) in enumerate(zip(param_leaves, update_leaves)):
+        if new_leaves[i] is None:  # not an AdamW leaf: what optax.apply_updates does
+            new_leaves[i] = None if p is None else jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+    if checks:  # one callback for all leaves: a host round trip per step, not per leaf
+        wheres = [where for where, _ in checks]
+        jax.debug.callback(functools.partial(_raise_if_changed, wheres=wheres),
+                           jnp.stack([changed for _, changed in checks]))
+    return treedef.unflatten(new_leaves), new_state
+
+
+def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_leaves, update_leaves, keys,
+                        new_leaves, checks) -> None:
+    """``p_new`` for the leaves of one AdamW (in ``new_leaves``), and the consistency checks of their updates."""
+    # The params this AdamW saw: its moments' tree (masked leaves are MaskedNodes) holding our leaves.
+    seen = jax.tree.unflatten(jax.tree.structure(new.exp_avg), [param_leaves[i] for i in owned])
+    decay_flags = _adamw._resolve_mask(options["mask"], seen)
+    applied = new.count != old.count
+    t = optax.safe_increment(old.count)
+    exp_avg, exp_avg_sq = jax.tree.leaves(new.exp_avg), jax.tree.leaves(new.exp_avg_sq)
+    maxes = jax.tree.leaves(new.max_exp_avg_sq) if options["amsgrad"] else [None] * len(owned)
+    scalars_by_dtype: dict = {}
+    for j, i in enumerate(owned):
+        p, u = param_leaves[i], update_leaves[i]
+        if jnp.dtype(p.dtype).itemsize < 4:
+            # The kernel's float32 moments were rounded when stored; its float32 update is exact instead.
+            new_leaves[i] = (p.astype(jnp.float32) + u).astype(p.dtype)
+            continue
+        opmath = _adamw._opmath_dtype(p.dtype)
+        if opmath not in scalars_by_dtype:
+            scalars_by_dtype[opmath] = _adamw._step_scalars(options["learning_rate"], options["b1"], options["b2"],
+                                                            options["weight_decay"], old.count, t, opmath)
+        weight_decay = options["weight_decay"]
+        decay = decay_flags[j] and (_adamw._is_traced(weight_decay) or weight_decay != 0)
+        stepped = _new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath], eps=options["eps"],
+                             decay=decay, decay_rounding=options["decay_rounding"],
+                             amsgrad=options["amsgrad"]).astype(p.dtype)
+        new_leaves[i] = jnp.where(applied, stepped, p)
+        if jnp.result_type(u) != p.dtype:
+            raise TypeError(f"apply_exact: the update of parameter {keys[i]} has dtype {jnp.result_type(u)}, "
+                            f"jax_impl.adamw's has {p.dtype}: a transformation after adamw changed it")
+        own_update = stepped - p
+        checks.append((keys[i], jnp.any(applied & ~_same_bits_or_tiny(u, own_update))))
+
