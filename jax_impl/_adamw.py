@@ -28,6 +28,7 @@ new XLA release contracts or rewrites differently.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -186,11 +187,19 @@ def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _Step
     if isinstance(learning_rate, TorchSchedule):
         # torch's lr of every step is a Python float, tabulated: derive the
         # step's scalars from it in double on the host, as torch's kernel does.
+        # Past its table a schedule either holds its last lr (torch's) or has
+        # none: NaN then, so the run fails visibly (nothing can raise under jit).
         lr_table = learning_rate.table
-        n = max(len(lr_table), len(bc1_table))
-        lr_ext = np.concatenate([lr_table, np.full(n - len(lr_table), lr_table[-1])])
-        bc1_ext = np.concatenate([bc1_table, np.full(n - len(bc1_table), bc1_table[-1])])
-        lr_last = float(lr_table[-1])
+        holds = learning_rate.holds_beyond
+        lr_last = float(lr_table[-1]) if holds else math.nan
+        n = max(len(lr_table) + (0 if holds else 1), len(bc1_table))
+        lr_ext = np.concatenate([lr_table, np.full(n - len(lr_table), lr_last)])
+        if bc1_saturated or n == len(bc1_table):
+            bc1_tail = np.full(n - len(bc1_table), bc1_table[-1])
+        else:  # a long lr table past an unsaturated bias correction: torch's values, in libm's double pow
+            bc1_tail = np.array([1.0 - math.pow(b1, bc.torch_step_value(t))
+                                 for t in range(len(bc1_table) + 1, n + 1)], np.float64)
+        bc1_ext = np.concatenate([bc1_table, bc1_tail])
         step_size_neg = _table_lookup(-(lr_ext / bc1_ext), bc1_saturated, t, dtype, lambda t: _in_graph_double(
             lambda t: (-(lr_last / _bias_correction_double(b1, t))).astype(dtype), t))
         decay = _table_lookup(1.0 - lr_ext * weight_decay, True, t, dtype, None)
