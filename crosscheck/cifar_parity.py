@@ -46,7 +46,7 @@ from flax import nnx
 
 import jax_impl
 import torch_impl
-from crosscheck import cifar10, convert, models
+from crosscheck import cifar10, convert, interrupt, models
 from crosscheck.metrics import distance
 from crosscheck.training import FlaxRun, TorchRun
 
@@ -176,6 +176,7 @@ def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
                                         epoch=epoch, augmentation=cfg.augment):
                 if step >= total:
                     break
+                interrupt.check()
                 step += 1
                 if cfg.mode == "shared-grads":
                     flax = flax_runs[0]
@@ -286,7 +287,12 @@ def main_run(cfg: Config, data_dir=None, download: bool = False, out=None, progr
     print(cifar_report.markdown(result))
     print(f"{len(result.step_loss[result.runs[0]])} steps in {time.perf_counter() - started:.0f} s")
     if out is not None:
-        paths = cifar_report.write(result, out)
+        from crosscheck.report import OutputError
+
+        try:
+            paths = cifar_report.write(result, out)
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
         print("report: " + ", ".join(str(p) for p in paths))
     for check in result.checks:
         if not check["pass"]:

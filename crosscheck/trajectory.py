@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import jax
 import numpy as np
 
-from crosscheck import implementations, sources
+from crosscheck import implementations, interrupt, sources
 from crosscheck.metrics import distance, ulps_from_reference
 
 QUANTITIES = ("param", "exp_avg", "exp_avg_sq")
@@ -136,6 +136,7 @@ def run(
     ref_series = {name: ReferenceSeries() for name in runners}
 
     for t in range(steps):
+        interrupt.check()
         base = runners[baseline]
         grads = grad_source(t, base.params())
         for runner in runners.values():

@@ -1,0 +1,116 @@
+"""Exit codes, interrupts and outputs of ``python -m crosscheck``: nothing silent, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crosscheck import cli, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _strict_loads(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("command", [["schedules"], ["trajectory", "--steps", "3"], ["suite"],
+                                     ["cifar10", "--max-steps", "1"]])
+@pytest.mark.parametrize("out", ["/dev/null", "a-file", "a-file/below"])
+def test_unwritable_out_is_a_usage_error_before_the_run(tmp_path, capsys, monkeypatch, command, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    # The run must not start: a check that started would call this.
+    monkeypatch.setattr(cli, "run_case", lambda *a, **k: pytest.fail("the run started"))
+    assert cli.main(["--out", out, *command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out}") and "not a directory" in err and "\n" not in err
+
+
+def test_read_only_out_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # The tests run as root here, where chmod 555 does not stop writes: refuse the probe file instead.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(report.tempfile, "mkstemp", refuse)
+    assert cli.main(["--out", str(tmp_path / "r"), "schedules"]) == 2
+    assert "cannot write in" in capsys.readouterr().err
+    if os.geteuid() != 0:
+        monkeypatch.undo()
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert cli.main(["--out", str(tmp_path / "ro" / "r"), "schedules"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--impls", ""], "--impls '': nothing to compare with the baseline"),
+    (["--impls", "torch.AdamW(fused)"], "nothing to compare with the baseline torch.AdamW(fused)"),
+    (["--impls", "reference64"], "nothing to compare"),
+    (["--baseline", "reference64"], "--baseline reference64: the float64 reference is compared with every run"),
+])
+def test_trajectory_without_a_comparison_is_refused(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--out", str(tmp_path), "trajectory", *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_subcommand_help_has_text_and_defaults(capsys):
+    for command in ("trajectory", "cifar10", "schedules", "suite"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+        assert "--no-progress" in text and "--out" in text
+        if command == "trajectory":
+            assert "(default: 500)" in text and "optimizer steps" in text and "(default: 0.999)" in text
+        if command == "cifar10":
+            assert "(default: independent)" in text and "(default: 32)" in text
+
+
+def test_no_progress_after_the_subcommand_and_no_bars_off_a_terminal(tmp_path, capsys):
+    args = cli._parser().parse_args(["trajectory", "--no-progress"])
+    assert args.no_progress
+    assert cli.main(["--out", str(tmp_path), "trajectory", "--steps", "4", "--impls", "torch_impl(fused)"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out  # stderr is not a terminal under pytest
+
+
+def test_report_files_strict_json_umask_and_all_or_nothing(tmp_path):
+    old = os.umask(0o027)
+    try:
+        report.write_files({tmp_path / "a.json": lambda tmp: Path(tmp).write_text(report.strict_json(
+            {"x": float("nan"), "y": [np.float32(np.inf), -np.inf], "z": np.float64(1.5)}))})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    finally:
+        os.umask(old)
+    assert _strict_loads((tmp_path / "a.json").read_text()) == {"x": "NaN", "y": ["Infinity", "-Infinity"], "z": 1.5}
+
+    def fail(tmp):
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        report.write_files({tmp_path / "one.md": lambda tmp: Path(tmp).write_text("x"), tmp_path / "two.png": fail})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # neither file, no temporary left
+
+
+def test_sigint_stops_the_run_with_130_and_one_line(tmp_path):
+    # A long run interrupted after it started stepping: exit 130, one line on stderr, no report.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "crosscheck", "--out", str(tmp_path / "r"), "trajectory",
+                             "--steps", "1000000", "--impls", "jax_impl"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted (no report written)"
+    assert not (tmp_path / "r").exists()
