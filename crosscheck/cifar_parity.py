@@ -224,6 +224,19 @@ def _checks(cfg: Config, result: Result, baseline: str, candidates: Sequence[str
             n_test: int) -> list[dict]:
     checks = [{"check": "logits before training", "value": result.logit_gap, "bound": 1e-5,
                "pass": result.logit_gap <= 1e-5}]
+    # A run that diverged to NaN/inf proves nothing, however equal its NaNs are: it fails, naming where.
+    for name, losses in result.step_loss.items():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(losses, np.float64)))
+        if bad.size:
+            checks.append({"check": f"{name}: finite losses", "value": int(bad.size), "bound": 0, "pass": False,
+                           "first_failing_step": int(bad[0]) + 1})
+    for record in result.epochs:
+        for name in result.runs:
+            values = [record[name][m] for m in ("train_loss", "test_loss")]
+            if not all(math.isfinite(v) for v in values):
+                checks.append({"check": f"{name}: finite train/test loss at epoch {record['epoch']}",
+                               "value": float("nan"), "bound": 0, "pass": False})
+                break
     if cfg.mode == "shared-grads":
         worst = max(result.shared_max_ulps, default=0)
         first = next((i + 1 for i, u in enumerate(result.shared_max_ulps) if u), None)

@@ -104,8 +104,9 @@ def _finish(results, out: Path | None) -> int:
         print("report: " + ", ".join(str(p) for p in paths.values()))
     failed = [(r.case, pair, s) for r in results for pair, s in r.summary.items() if not s["pass"]]
     for case, pair, s in failed:
-        print(f"MISMATCH in {case!r}: {pair}: {s['why']}; first differing element: {s['first_mismatch']}",
-              file=sys.stderr)
+        where = (f"first NaN/inf: {s['first_nonfinite']}" if s.get("first_nonfinite")
+                 else f"first differing element: {s['first_mismatch']}")
+        print(f"MISMATCH in {case!r}: {pair}: {s['why']}; {where}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -114,3 +114,52 @@ def test_sigint_stops_the_run_with_130_and_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip() == "interrupted (no report written)"
     assert not (tmp_path / "r").exists()
+
+
+def test_nan_in_both_runs_is_reported_and_fails():
+    # Was: NaN in every run counted as bitwise equal, and the check passed.
+    from crosscheck import implementations, sources, trajectory
+
+    names, params = sources.param_set("flat", 0)
+    gaussian = sources.synthetic("gaussian", 0)
+
+    def grads(t, current):
+        g = gaussian(t, current)
+        if t == 2:
+            g[0] = np.full_like(g[0], np.nan)
+        return g
+    result = trajectory.run(["torch_impl(fused)"], hyper=implementations.Hyper(), names=names, params=params,
+                            grad_source=grads, steps=4)
+    row = result.summary["torch_impl(fused) vs torch.AdamW(fused)"]
+    assert row["bitwise"] and not row["pass"]  # the NaNs are equal bits; that proves nothing
+    assert row["why"].startswith(f"NaN/inf from step 3 (param of {names[0]}")
+    assert row["first_nonfinite"]["step"] == 3
+    assert "NaN/inf from step 3" in report.markdown([result])
+    assert _strict_loads(report.strict_json(report.to_json([result])))["passed"] is False
+
+
+def test_cifar_checks_fail_on_nan_losses():
+    # The checks alone (the real run below is slow): equal NaN losses and "bitwise" params must fail.
+    from crosscheck.cifar_parity import Config, Result, _checks
+
+    result = Result({}, "subset", ["torch", "flax"], 0.0, step_loss={"torch": [2.3, float("nan")],
+                                                                    "flax": [2.3, float("nan")]},
+                    shared_max_ulps=[0, 0])
+    checks = _checks(Config(mode="shared-grads"), result, "torch", ["flax"], [], 1017)
+    failed = [c for c in checks if not c["pass"]]
+    assert [c["check"] for c in failed] == ["torch: finite losses", "flax: finite losses"]
+    assert failed[0]["first_failing_step"] == 2
+
+
+@pytest.mark.slow
+def test_cifar_shared_grads_with_nan_losses_fails(cifar_dir):
+    from crosscheck import cifar10
+    from crosscheck.cifar_parity import Config, run
+
+    data = cifar10.load(cifar_dir)
+    result = run(Config(mode="shared-grads", lr=1e6, max_steps=12, replicas=0), data, progress=False)
+    losses = np.asarray(result.step_loss[result.runs[0]])
+    assert not np.isfinite(losses).all()  # lr=1e6 diverges within a few steps
+    assert not result.passed
+    failed = [c for c in result.checks if not c["pass"]]
+    assert any(c["check"].endswith("finite losses") for c in failed)
