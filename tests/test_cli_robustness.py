@@ -163,3 +163,27 @@ def test_cifar_shared_grads_with_nan_losses_fails(cifar_dir):
     assert not result.passed
     failed = [c for c in result.checks if not c["pass"]]
     assert any(c["check"].endswith("finite losses") for c in failed)
+
+
+def test_report_matrix_and_figure_say_bitwise(tmp_path):
+    from crosscheck import implementations, sources, trajectory
+
+    names, params = sources.param_set("flat", 0)
+    result = trajectory.run(["torch_impl(fused)", "torch.AdamW(foreach)", "torch_impl(foreach)"],
+                            hyper=implementations.Hyper(), names=names, params=params,
+                            grad_source=sources.synthetic("gaussian", 0), steps=5, case="small")
+    text = report.markdown([result])
+    # The matrix first: one row per case, one column per implementation.
+    matrix = text.split("## Details")[0]
+    assert "| case | torch_impl(fused) | torch.AdamW(foreach) | torch_impl(foreach) | " \
+           "torch_impl(foreach) vs torch.AdamW(foreach) |" in matrix
+    row = next(line for line in matrix.splitlines() if line.startswith("| small |"))
+    assert row.split(" | ")[1] == "**bitwise**" and "ulps" in row.split(" | ")[2]
+    fig = report.figure([result])
+    ax = fig.axes[0]
+    assert "bitwise at every step: torch_impl(fused)" in ax.get_title()
+    assert ax.get_legend() is None and fig.legends  # the legend is the figure's, below the panels
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "torch.AdamW(foreach) = torch_impl(foreach)" in labels  # identical errors: one curve, one label
+    legend_top = fig.legends[0].get_window_extent(fig.canvas.get_renderer()).y1
+    assert legend_top <= ax.get_window_extent().y0  # below the panel, not on the curves
