@@ -218,7 +218,7 @@ def run(steps: int, out=None) -> tuple[list[dict], bool]:
 
         import matplotlib.pyplot as plt
 
-        from crosscheck.report import strict_json, write_files
+        from crosscheck.report import OutputError, strict_json, write_files
 
         out = Path(out)
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
@@ -228,6 +228,8 @@ def run(steps: int, out=None) -> tuple[list[dict], bool]:
             write_files({out / "report.json": lambda tmp: Path(tmp).write_text(text_json),
                          out / "report.md": lambda tmp: Path(tmp).write_text(text_md),
                          out / "schedules.png": lambda tmp: fig.savefig(tmp, dpi=80, format="png")})
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
         finally:
             plt.close(fig)
     return rows, _passed(rows)

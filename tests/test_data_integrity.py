@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 import tarfile
@@ -213,3 +214,17 @@ def test_incomplete_optimizer_state_is_refused_before_loading(tmp_path, change, 
         checkpoint.restore_torch(tmp_path / "c.pt", m, o)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(torch.equal(state_before[k], v) for k, v in o.state[next(iter(m.parameters()))].items())
+
+
+def test_checkpoint_files_take_the_umask(tmp_path):
+    # Was: torch checkpoints 0600 (mkstemp's mode).
+    model, optimizer = _torch_setup()
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_torch(tmp_path / "c.pt", model, optimizer)
+        params, state = _small_jax()
+        checkpoint.save_jax(tmp_path / "j", params, state)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "j").rglob("*") if p.is_file()} == {0o644}
