@@ -202,15 +202,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 pass, 1 mismatch, 2 usage or input error, 130 interrupted)."""
-    with interrupt.handling():
-        try:
-            return _main(argv)
-        except KeyboardInterrupt:
-            print("interrupted (no report written)", file=sys.stderr)
-            return 130
-        except report.OutputError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    try:
+        with interrupt.handling():
+            try:
+                return _main(argv)
+            except report.OutputError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt:  # also one arriving as the handler is installed or removed
+        print("interrupted (no report written)", file=sys.stderr)
+        return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:
