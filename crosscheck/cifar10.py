@@ -34,6 +34,7 @@ DEFAULT_DIR = Path.home() / ".cache" / "crosscheck" / "cifar10"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_SIZE = 170_498_071  # bytes of the official archive: a file this size must have its md5
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
@@ -106,14 +107,34 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
     out = {}
     for name in (*TRAIN_BATCHES, TEST_BATCH):
         path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path}: missing (a CIFAR-10 folder holds {', '.join((*TRAIN_BATCHES, TEST_BATCH))})")
-        out[str(path)] = path.read_bytes()
+        if path.is_symlink() or not path.is_file():
+            what = "a symlink (each batch must be its own file)" if path.is_symlink() else "missing"
+            raise DataError(f"{path}: {what} (a CIFAR-10 folder holds {', '.join((*TRAIN_BATCHES, TEST_BATCH))})")
+        try:
+            out[str(path)] = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
     return out
 
 
-def _check_gzip_stream(archive: Path) -> None:
-    """Read the whole gzip stream, so a damaged one fails its CRC here."""
+def _md5(path: Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _check_archive(archive: Path) -> None:
+    """The official archive's md5 (a file of its size); for any archive, the whole gzip stream's CRC.
+
+    tarfile stops reading where the last wanted member ends, so the CRC and
+    length at the end of the gzip stream would never be checked: one flipped
+    byte inside a batch loaded as changed pixels.
+    """
+    if archive.stat().st_size == ARCHIVE_SIZE and (md5 := _md5(archive)) != ARCHIVE_MD5:
+        raise DataError(f"{archive}: md5 {md5}, the official archive has {ARCHIVE_MD5}: corrupt; "
+                        f"delete it and download it again")
     with gzip.open(archive) as stream:
         while stream.read(1 << 22):
             pass
@@ -122,19 +143,23 @@ def _check_gzip_stream(archive: Path) -> None:
 def _read_archive(archive: Path) -> dict[str, bytes]:
     out = {}
     try:
+        _check_archive(archive)
         with tarfile.open(archive, "r:gz") as tar:
             for name in (*TRAIN_BATCHES, TEST_BATCH):
                 member = f"{FOLDER}/{name}"
                 try:
-                    handle = tar.extractfile(member)
+                    info = tar.getmember(member)
                 except KeyError:
-                    _check_gzip_stream(archive)  # a damaged stream also ends the member list early
                     raise DataError(f"{archive}: no member {member} (not the official CIFAR-10 python archive)") \
                         from None
-                if handle is None:
-                    raise DataError(f"{archive}: {member} is not a regular file")
-                out[f"{archive}:{member}"] = handle.read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # DataError passes through
+                if not info.isreg():
+                    # extractfile() follows a link: a batch linked to another would load a duplicate.
+                    kind = "a link to " + info.linkname if info.issym() or info.islnk() else "not a regular file"
+                    raise DataError(f"{archive}: {member} is {kind}, not a regular file")
+                out[f"{archive}:{member}"] = tar.extractfile(info).read()
+    except PermissionError as err:
+        raise DataError(f"{archive}: cannot be read ({err.strerror or err})") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:  # DataError passes through
         raise DataError(f"{archive}: truncated or corrupt archive ({type(err).__name__}: {err}); "
                         f"delete it and download it again (md5 {ARCHIVE_MD5})") from None
     return out
@@ -158,14 +183,31 @@ def load(path: str | os.PathLike | None = None) -> CIFAR10:
 
 
 def download(path: str | os.PathLike | None = None, url: str = URL) -> Path:
-    """Fetch the official archive into the data directory, md5-checked; a no-op when it is there."""
+    """Fetch the official archive into the data directory, md5-checked.
+
+    An archive already there is verified (md5) instead of fetched again; a
+    ``cifar-10-batches-py/`` folder is left as it is (``load`` checks it).
+    """
     root = data_dir(path)
     target = root / ARCHIVE
-    if target.is_file() or (root / FOLDER).is_dir():
+    if (root / FOLDER).is_dir():
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    if target.is_file():
+        try:
+            md5 = _md5(target)
+        except OSError as err:
+            raise DataError(f"{target}: cannot be read ({err.strerror or err})") from None
+        if md5 != ARCHIVE_MD5:
+            raise DataError(f"{target}: md5 {md5}, the official archive has {ARCHIVE_MD5}; delete it and run "
+                            "--download again")
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{ARCHIVE}.", suffix=".part", dir=root)
+    except OSError as err:
+        raise DataError(f"cannot download into {root} ({err.strerror or err}): choose a writable --data-dir") \
+            from None
     md5 = hashlib.md5()
-    fd, partial = tempfile.mkstemp(prefix=f".{ARCHIVE}.", suffix=".part", dir=root)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             while chunk := response.read(1 << 20):

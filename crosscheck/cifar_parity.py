@@ -46,7 +46,7 @@ from flax import nnx
 
 import jax_impl
 import torch_impl
-from crosscheck import cifar10, convert, models
+from crosscheck import cifar10, convert, interrupt, models
 from crosscheck.metrics import distance
 from crosscheck.training import FlaxRun, TorchRun
 
@@ -176,6 +176,7 @@ def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
                                         epoch=epoch, augmentation=cfg.augment):
                 if step >= total:
                     break
+                interrupt.check()
                 step += 1
                 if cfg.mode == "shared-grads":
                     flax = flax_runs[0]
@@ -223,6 +224,19 @@ def _checks(cfg: Config, result: Result, baseline: str, candidates: Sequence[str
             n_test: int) -> list[dict]:
     checks = [{"check": "logits before training", "value": result.logit_gap, "bound": 1e-5,
                "pass": result.logit_gap <= 1e-5}]
+    # A run that diverged to NaN/inf proves nothing, however equal its NaNs are: it fails, naming where.
+    for name, losses in result.step_loss.items():
+        bad = np.flatnonzero(~np.isfinite(np.asarray(losses, np.float64)))
+        if bad.size:
+            checks.append({"check": f"{name}: finite losses", "value": int(bad.size), "bound": 0, "pass": False,
+                           "first_failing_step": int(bad[0]) + 1})
+    for record in result.epochs:
+        for name in result.runs:
+            values = [record[name][m] for m in ("train_loss", "test_loss")]
+            if not all(math.isfinite(v) for v in values):
+                checks.append({"check": f"{name}: finite train/test loss at epoch {record['epoch']}",
+                               "value": float("nan"), "bound": 0, "pass": False})
+                break
     if cfg.mode == "shared-grads":
         worst = max(result.shared_max_ulps, default=0)
         first = next((i + 1 for i, u in enumerate(result.shared_max_ulps) if u), None)
@@ -286,7 +300,12 @@ def main_run(cfg: Config, data_dir=None, download: bool = False, out=None, progr
     print(cifar_report.markdown(result))
     print(f"{len(result.step_loss[result.runs[0]])} steps in {time.perf_counter() - started:.0f} s")
     if out is not None:
-        paths = cifar_report.write(result, out)
+        from crosscheck.report import OutputError
+
+        try:
+            paths = cifar_report.write(result, out)
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
         print("report: " + ", ".join(str(p) for p in paths))
     for check in result.checks:
         if not check["pass"]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from crosscheck.cifar_parity import Result
-from crosscheck.report import _atomic_write, write_text
+from crosscheck.report import strict_json, write_files
 
 
 def markdown(result: Result) -> str:
@@ -48,7 +47,7 @@ def _smooth(values, window: int = 20) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def plot(result: Result, path: Path) -> None:
+def figure(result: Result):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,14 +84,31 @@ def plot(result: Result, path: Path) -> None:
     if result.divergence:
         div_ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot(result: Result, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    try:
+        write_files({Path(path): lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
+    finally:
+        plt.close(fig)
 
 
 def write(result: Result, out_dir: Path) -> list[Path]:
+    """report.json (strict JSON), report.md and cifar10.png, renamed into place together."""
+    import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "cifar10.png"]
-    write_text(paths[0], json.dumps({"passed": result.passed, **asdict(result)}, indent=1, default=float))
-    write_text(paths[1], markdown(result))
-    plot(result, paths[2])
+    text_json, text_md = strict_json({"passed": result.passed, **asdict(result)}), markdown(result)
+    fig = figure(result)
+    try:
+        write_files({paths[0]: lambda tmp: Path(tmp).write_text(text_json),
+                     paths[1]: lambda tmp: Path(tmp).write_text(text_md),
+                     paths[2]: lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
+    finally:
+        plt.close(fig)
     return paths

@@ -45,6 +45,7 @@ class Distance(NamedTuple):
     max_abs: float
     max_rel: float
     first_mismatch: int  # flat index of the first element whose bits differ, -1 if none
+    nonfinite: int = 0  # elements that are NaN or infinite in either array (equal NaNs count: they prove nothing)
 
 
 def distance(a, b) -> Distance:
@@ -71,9 +72,10 @@ def distance(a, b) -> Distance:
     abs_err = np.where(nan_mismatch, np.inf, abs_err)
     rel_err = np.where(nan_mismatch, np.inf, rel_err)
     mismatches = np.flatnonzero(~same_bits)
+    nonfinite = int(np.count_nonzero(~(np.isfinite(a64) & np.isfinite(b64))))
     return Distance(n, float(same_bits.mean()), float(ulps.max()), float(abs_err.max()),
                     float(np.nan_to_num(rel_err, nan=np.inf).max()),
-                    int(mismatches[0]) if mismatches.size else -1)
+                    int(mismatches[0]) if mismatches.size else -1, nonfinite)
 
 
 def ulps_from_reference(x, reference64) -> np.ndarray:

@@ -10,6 +10,7 @@ Writes ``report.json``, ``report.md`` and ``recipes.png`` under ``--out``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -219,16 +220,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("recipes", help="training recipes (clipping, accumulation, groups, ...) vs torch")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per recipe (default %(default)s)")
+    return p
 
 
 def run(args) -> int:
     if args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
-    out = args.out if args.out != Path("crosscheck-report") else Path("crosscheck-report/recipes")
+    out = args.out
     rows = measure(args.steps)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rows, indent=2, allow_nan=False))

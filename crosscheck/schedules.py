@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import torch
 
+from crosscheck import interrupt
 from jax_impl import schedules as S
 
 LR = 0.1
@@ -157,13 +158,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path) -> None:
+def figure(rows: list[dict]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from crosscheck.report import _atomic_write
 
     cols = 4
     n = len(rows)
@@ -187,26 +186,52 @@ def plot(rows: list[dict], path) -> None:
         axes[2 * (i // cols), i % cols].axis("off")
         axes[2 * (i // cols) + 1, i % cols].axis("off")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    plt.close(fig)
+    return fig
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    from crosscheck.report import write_files
+
+    fig = figure(rows)
+    try:
+        write_files({path: lambda tmp: fig.savefig(tmp, dpi=80, format="png")})
+    finally:
+        plt.close(fig)
 
 
 def run(steps: int, out=None) -> tuple[list[dict], bool]:
+    """Compare every case over ``steps`` counts; with ``out``, write report.json, report.md, schedules.png there."""
     if steps < 200:
         raise ValueError(f"invalid steps: {steps} (at least 200: the cases have milestones up to 100 and 500)")
-    rows = [compare(case, steps) for case in CASES]
     if out is not None:
-        import json
+        from crosscheck.report import check_output_dir
+
+        check_output_dir(out)
+    rows = []
+    for case in CASES:
+        interrupt.check()
+        rows.append(compare(case, steps))
+    if out is not None:
         from pathlib import Path
 
-        from crosscheck.report import write_text
+        import matplotlib.pyplot as plt
+
+        from crosscheck.report import OutputError, strict_json, write_files
 
         out = Path(out)
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-        passed = _passed(rows)
-        write_text(out / "report.json", json.dumps({"passed": passed, "cases": public}, indent=1))
-        write_text(out / "report.md", markdown(rows))
-        plot(rows, out / "schedules.png")
+        text_json, text_md = strict_json({"passed": _passed(rows), "cases": public}), markdown(rows)
+        fig = figure(rows)
+        try:
+            write_files({out / "report.json": lambda tmp: Path(tmp).write_text(text_json),
+                         out / "report.md": lambda tmp: Path(tmp).write_text(text_md),
+                         out / "schedules.png": lambda tmp: fig.savefig(tmp, dpi=80, format="png")})
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
+        finally:
+            plt.close(fig)
     return rows, _passed(rows)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import jax
 import numpy as np
 
-from crosscheck import implementations, sources
+from crosscheck import implementations, interrupt, sources
 from crosscheck.metrics import distance, ulps_from_reference
 
 QUANTITIES = ("param", "exp_avg", "exp_avg_sq")
@@ -48,6 +48,7 @@ class PairSeries:
     first_mismatch: dict | None = None  # {"step", "quantity", "leaf", "element", "value", "baseline"}
     worst_leaf: dict[str, str] = field(default_factory=dict)  # quantity -> leaf with the largest ulps so far
     worst_leaf_ulps: dict[str, float] = field(default_factory=dict)  # quantity -> those ulps
+    first_nonfinite: dict | None = None  # {"step", "quantity", "leaf", "count"}: NaN/inf in either run
 
 
 @dataclass
@@ -136,6 +137,7 @@ def run(
     ref_series = {name: ReferenceSeries() for name in runners}
 
     for t in range(steps):
+        interrupt.check()
         base = runners[baseline]
         grads = grad_source(t, base.params())
         for runner in runners.values():
@@ -173,6 +175,8 @@ def _record(s: PairSeries, t: int, names, state, base_state) -> None:
             worst = (max(worst[0], d.max_ulps), max(worst[1], d.max_abs), max(worst[2], d.max_rel))
             equal += d.bitwise_equal * d.n
             total += d.n
+            if d.nonfinite and s.first_nonfinite is None:
+                s.first_nonfinite = {"step": t + 1, "quantity": q, "leaf": names[i], "count": d.nonfinite}
             if d.first_mismatch >= 0 and s.first_mismatch is None:
                 s.first_mismatch = {"step": t + 1, "quantity": q, "leaf": names[i], "element": d.first_mismatch,
                                     "value": float(np.asarray(a).reshape(-1)[d.first_mismatch]),
@@ -191,9 +195,12 @@ def _record_reference(s: ReferenceSeries, leaves, ref_leaves) -> None:
         a64 = np.asarray(a, np.float64)
         with np.errstate(invalid="ignore"):
             err = np.abs(a64 - r)
-        max_abs = max(max_abs, float(np.nanmax(err)))
+        # NaNs are left out here (the pair series report them); all-NaN leaves give 0, without a warning.
+        max_abs = max(max_abs, float(np.max(err, initial=0.0, where=~np.isnan(err))))
         if np.asarray(a).dtype != np.float64:
-            max_ulps = max(max_ulps, float(np.nanmax(ulps_from_reference(a, r))))
+            with np.errstate(invalid="ignore"):
+                ulps = ulps_from_reference(a, r)
+            max_ulps = max(max_ulps, float(np.max(ulps, initial=0.0, where=~np.isnan(ulps))))
     s.max_abs.append(max_abs)
     s.max_ulps.append(max_ulps)
 
@@ -218,6 +225,10 @@ def summarize(result: TrajectoryResult) -> dict[str, dict]:
         required = (name, against) in BITWISE_PAIRS and not (
             name.startswith("jax_impl") and result.float32_schedule)
         why = []
+        if s.first_nonfinite is not None:
+            # Equal NaNs are bitwise equal and prove nothing: a trajectory that left the finite numbers fails.
+            nf = s.first_nonfinite
+            why.append(f"NaN/inf from step {nf['step']} ({nf['quantity']} of {nf['leaf']}, {nf['count']} elements)")
         if required and not bitwise:
             why.append("bitwise parity required")
         if not within_reference and _ours(name):
@@ -236,6 +247,7 @@ def summarize(result: TrajectoryResult) -> dict[str, dict]:
             "reference_yardstick": yardstick,
             "reference_error_ratio": ref_err / yard_err if yard_err > 0 else None,
             "first_mismatch": s.first_mismatch,
+            "first_nonfinite": s.first_nonfinite,
             "worst_leaf": s.worst_leaf,
             # Peers (torch.optim, optax) are measured, not judged: their differences are findings.
             "pass": not why,

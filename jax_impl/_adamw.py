@@ -29,6 +29,7 @@ new XLA release contracts or rewrites differently.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -315,15 +316,15 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr).astype(wide)
         wd = jnp.asarray(weight_decay).astype(wide)
-        # torch's step is a float32 tensor, read back as a double.
-        t_wide = t.astype(jnp.float32).astype(wide)
+        # torch's step is a float32 tensor (stuck at 2**24), read back as a double.
+        t_wide = jnp.minimum(t, bc.TORCH_STEP_LIMIT).astype(jnp.float32).astype(wide)
 
         def bias_correction(beta):
             if _is_traced(beta):
                 return 1 - jnp.asarray(beta).astype(wide) ** t_wide
             table = bc.bias_correction(beta)
             return _table_lookup(table, bc.is_saturated(table), t, wide,
-                                 lambda t: 1 - jnp.asarray(beta, wide) ** t.astype(jnp.float32).astype(wide))
+                                 lambda t: 1 - jnp.asarray(beta, wide) ** t_wide)
 
         # Each product and quotient is followed by + (-0.0) that XLA cannot fold,
         # so LLVM cannot contract it into the next add (torch's double
@@ -345,23 +346,53 @@ def _nesterov_scalars(scalars: _StepScalars, b1, t, dtype) -> _StepScalars:
                             nesterov_g=scalars.step_size_neg * (1 - beta1))
 
 
+def _in_graph_double(fn: Callable[..., jax.Array], *args) -> jax.Array:
+    """``fn(*args)`` traced with float64 enabled for this computation only (the caller's dtypes are untouched).
+
+    Past the bias-correction tables (2**22 steps) torch still computes
+    ``1 - beta**float32(step)`` and the step size in double; a float32
+    fallback loses it for betas near 1 (``1 - 0.99999999**t`` is 0.0 or off by
+    0.5% in float32).  XLA:CPU's float64 ``pow`` agreed bit for bit with libm's
+    on 15,000 random counts in [2**22, 2**31) (tests/test_jax_api.py).
+    """
+    with jax.enable_x64(True):
+        return fn(*args)
+
+
+def _bias_correction_double(beta: float, t: jax.Array) -> jax.Array:
+    """``1 - beta**step`` in float64 (call under :func:`_in_graph_double`), ``step`` torch's float32 step.
+
+    torch's ``step`` is a float32 tensor incremented by 1: it stops at 2**24
+    (2**24 + 1 rounds back to 2**24), so every later update uses step 2**24.
+    """
+    step = jnp.minimum(t, bc.TORCH_STEP_LIMIT).astype(jnp.float32)
+    return 1.0 - jnp.asarray(beta, jnp.float64) ** step.astype(jnp.float64)
+
+
 def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _StepScalars:
     """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``."""
     if any(_is_traced(x) for x in (learning_rate, b1, b2, weight_decay)):
         return _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype)
     bc1_table, bc2_table = bc.bias_correction(b1), bc.bias_correction(b2)
     bc1_saturated, bc2_saturated = bc.is_saturated(bc1_table), bc.is_saturated(bc2_table)
-    in_graph_bc = lambda beta, t, dt: 1 - jnp.asarray(beta, dt) ** t.astype(dt)  # noqa: E731
     if isinstance(learning_rate, TorchSchedule):
         # torch's lr of every step is a Python float, tabulated: derive the
         # step's scalars from it in double on the host, as torch's kernel does.
+        # Past its table a schedule either holds its last lr (torch's) or has
+        # none: NaN then, so the run fails visibly (nothing can raise under jit).
         lr_table = learning_rate.table
-        n = max(len(lr_table), len(bc1_table))
-        lr_ext = np.concatenate([lr_table, np.full(n - len(lr_table), lr_table[-1])])
-        bc1_ext = np.concatenate([bc1_table, np.full(n - len(bc1_table), bc1_table[-1])])
-        lr_last = float(lr_table[-1])
-        step_size_neg = _table_lookup(-(lr_ext / bc1_ext), bc1_saturated, t, dtype,
-                                      lambda t: -(lr_last / in_graph_bc(b1, t, dtype)))
+        holds = learning_rate.holds_beyond
+        lr_last = float(lr_table[-1]) if holds else math.nan
+        n = max(len(lr_table) + (0 if holds else 1), len(bc1_table))
+        lr_ext = np.concatenate([lr_table, np.full(n - len(lr_table), lr_last)])
+        if bc1_saturated or n == len(bc1_table):
+            bc1_tail = np.full(n - len(bc1_table), bc1_table[-1])
+        else:  # a long lr table past an unsaturated bias correction: torch's values, in libm's double pow
+            bc1_tail = np.array([1.0 - math.pow(b1, bc.torch_step_value(t))
+                                 for t in range(len(bc1_table) + 1, n + 1)], np.float64)
+        bc1_ext = np.concatenate([bc1_table, bc1_tail])
+        step_size_neg = _table_lookup(-(lr_ext / bc1_ext), bc1_saturated, t, dtype, lambda t: _in_graph_double(
+            lambda t: (-(lr_last / _bias_correction_double(b1, t))).astype(dtype), t))
         decay = _table_lookup(1.0 - lr_ext * weight_decay, True, t, dtype, None)
         lr_wd = _table_lookup(lr_ext * weight_decay, True, t, dtype, None)
     elif callable(learning_rate):
@@ -369,18 +400,18 @@ def _step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> _Step
         # jax_enable_x64) is the precision of the lr arithmetic.
         lr = jnp.asarray(learning_rate(count))
         wide = lr.dtype
-        bias_correction1 = _table_lookup(bc1_table, bc1_saturated, t, wide,
-                                         lambda t: in_graph_bc(b1, t, wide))
+        bias_correction1 = _table_lookup(bc1_table, bc1_saturated, t, wide, lambda t: _in_graph_double(
+            lambda t: _bias_correction_double(b1, t).astype(wide), t))
         step_size_neg = (-(lr / bias_correction1)).astype(dtype)
         decay = (1 - lr * weight_decay).astype(dtype)
         lr_wd = (lr * weight_decay).astype(dtype)
     else:
-        step_size_neg = _table_lookup(-(learning_rate / bc1_table), bc1_saturated, t, dtype,
-                                      lambda t: -(learning_rate / in_graph_bc(b1, t, dtype)))
+        step_size_neg = _table_lookup(-(learning_rate / bc1_table), bc1_saturated, t, dtype, lambda t: _in_graph_double(
+            lambda t: (-(learning_rate / _bias_correction_double(b1, t))).astype(dtype), t))
         decay = jnp.asarray(1.0 - learning_rate * weight_decay, dtype)
         lr_wd = jnp.asarray(learning_rate * weight_decay, dtype)
-    bias_correction2_sqrt = _table_lookup(np.sqrt(bc2_table), bc2_saturated, t, dtype,
-                                          lambda t: jnp.sqrt(in_graph_bc(b2, t, dtype)))
+    bias_correction2_sqrt = _table_lookup(np.sqrt(bc2_table), bc2_saturated, t, dtype, lambda t: _in_graph_double(
+        lambda t: jnp.sqrt(_bias_correction_double(b2, t)).astype(dtype), t))
     return _StepScalars(decay, lr_wd, step_size_neg, bias_correction2_sqrt)
 
 

@@ -16,14 +16,20 @@ import math
 
 import numpy as np
 
-# 2**22 steps (32 MiB of float64) covers beta <= 0.99999; closer to 1 the tail
-# beyond the table falls back to an in-graph computation (see adamw.py).
+# 2**22 steps (32 MiB of float64) covers beta <= 0.99999; closer to 1 the steps
+# beyond the table are computed in the graph, in float64 as torch does (see
+# ``_step_scalars`` in _adamw.py).
 MAX_TABLE_STEPS = 1 << 22
 
 
+# torch keeps ``step`` in a float32 tensor and adds 1 each update: at 2**24 the
+# sum rounds back to 2**24, so a run's step stops there.
+TORCH_STEP_LIMIT = 1 << 24
+
+
 def torch_step_value(t: int) -> float:
-    """torch keeps ``step`` as a float32 tensor and reads it back as a double."""
-    return float(np.float32(t))
+    """The ``step`` torch's update ``t`` reads (as a double): ``t``, up to 2**24, where torch's float32 count stops."""
+    return float(np.float32(min(t, TORCH_STEP_LIMIT)))
 
 
 @functools.lru_cache(maxsize=32)

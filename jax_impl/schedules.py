@@ -18,12 +18,22 @@ Inside ``jax.jit`` the schedule looks the count up in the table (float64
 under ``jax_enable_x64``, else float32).  ``jax_impl.adamw`` recognizes a
 ``TorchSchedule`` and derives its per-step float32 scalars from the float64
 table on the host, as torch's kernels do from the Python float, so the
-trajectory stays bitwise equal to torch's with or without x64.  Counts past
-``horizon`` hold the last entry.
+trajectory stays bitwise equal to torch's with or without x64.
+
+The table covers counts ``0 .. horizon - 1``; by default ``horizon`` covers
+what the arguments describe (``T_max``, ``total_iters``, the last milestone,
+``total_steps``; at least 100,000 counts).  Past the table a schedule whose
+lr can no longer change (``StepLR`` once ``lr * gamma == lr``, ``MultiStepLR``
+after its last milestone, ``LinearLR``/``ConstantLR``/``PolynomialLR`` after
+``total_iters``) holds its last entry, which is torch's value; any other
+(a cosine, a lambda) has no value there: a concrete count raises
+``ValueError`` and a traced count gives NaN (inside ``jax.jit`` nothing can
+raise; NaN makes the run fail loudly instead of training on a wrong lr).
 """
 
 from __future__ import annotations
 
+import array
 import copy
 import math
 from bisect import bisect_right
@@ -38,21 +48,38 @@ DEFAULT_HORIZON = 100_000
 
 
 class TorchSchedule:
-    """An optax schedule holding torch's lr for counts ``0 .. horizon - 1`` (``table``, float64)."""
+    """An optax schedule holding torch's lr for counts ``0 .. horizon - 1`` (``table``, float64).
 
-    def __init__(self, name: str, table: Sequence[float]):
+    ``holds_beyond``: the last entry is torch's lr at every later count too.
+    Otherwise a count past the table raises ``ValueError`` (concrete) or
+    gives NaN (traced).
+    """
+
+    def __init__(self, name: str, table: Sequence[float], holds_beyond: bool = False):
         self.name = name
         self.table = np.asarray(table, dtype=np.float64)
         self.table.setflags(write=False)
+        self.holds_beyond = bool(holds_beyond)
 
     @property
     def horizon(self) -> int:
         return len(self.table)
 
+    def check_count(self, count: int) -> None:
+        """Raise ``ValueError`` if this schedule has no value at ``count`` (a concrete count)."""
+        if count < 0 or (count >= self.horizon and not self.holds_beyond):
+            raise ValueError(f"{self.name}: no lr at count {count}: the table covers counts 0..{self.horizon - 1} "
+                             f"and the lr still changes after it; build the schedule with horizon > {count}")
+
     def __call__(self, count) -> jax.Array:
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-        index = jnp.clip(jnp.asarray(count), 0, self.horizon - 1)
-        return jnp.asarray(self.table, dtype)[index]
+        if not isinstance(count, jax.core.Tracer) and np.ndim(count) == 0:
+            self.check_count(int(count))
+        count = jnp.asarray(count)
+        value = jnp.asarray(self.table, dtype)[jnp.clip(count, 0, self.horizon - 1)]
+        if self.holds_beyond:
+            return value
+        return jnp.where(count < self.horizon, value, jnp.asarray(np.nan, dtype))
 
     def __repr__(self) -> str:
         return f"TorchSchedule({self.name}, horizon={self.horizon})"
@@ -104,21 +131,45 @@ class _Emulator:
     def closed(self) -> float:
         raise NotImplementedError
 
+    def extent(self) -> int:
+        """The last step count the arguments describe (T_max, total_iters, the last milestone...)."""
+        return 0
 
-def _table(emulator: _Emulator, lr: float, horizon: int) -> list[float]:
+    def steady(self) -> bool:
+        """True when no later ``step`` can change the lr (checked after the last tabulated step)."""
+        return False
+
+
+def _table(emulator: _Emulator, lr: float, horizon: int) -> np.ndarray:
     group = {"lr": lr}
     emulator.attach(group)
-    values = [group["lr"]]
-    for _ in range(horizon - 1):
-        emulator.step()
-        values.append(group["lr"])
-    return values
+    # array('d') holds raw doubles (8 B each) and hands them to numpy without a
+    # copy: a list of Python floats would need ~4x the memory at its peak.
+    values = array.array("d", [group["lr"]])
+    append, step = values.append, emulator.step
+    if type(emulator).step is _Emulator.step and type(emulator).update_lr is _Emulator.update_lr \
+            and not emulator.closed_form:
+        # _Emulator.step + update_lr(None), inlined: a third of the time of a long table.
+        get_lr = emulator.get_lr
+        for _ in range(horizon - 1):
+            emulator._step_count += 1
+            emulator.last_epoch += 1
+            group["lr"] = value = get_lr()
+            append(value)
+    else:
+        for _ in range(horizon - 1):
+            step()
+            append(group["lr"])
+    return np.frombuffer(values, dtype=np.float64)
 
 
-def _schedule(name: str, emulator: _Emulator, lr: float, horizon: int) -> TorchSchedule:
+def _schedule(name: str, emulator: _Emulator, lr: float, horizon: int | None) -> TorchSchedule:
+    if horizon is None:
+        horizon = max(DEFAULT_HORIZON, emulator.extent() + 1)
     _check_horizon(horizon)
     fresh = copy.deepcopy(emulator)  # for sequential_lr, which reruns it from the start
-    schedule = TorchSchedule(name, _table(emulator, float(lr), horizon))
+    table = _table(emulator, float(lr), horizon)
+    schedule = TorchSchedule(name, table, holds_beyond=emulator.steady())
     schedule.emulator = fresh
     schedule.lr = float(lr)
     return schedule
@@ -153,9 +204,18 @@ class _StepLR(_Emulator):
     def closed(self):
         return self.base_lr * self.gamma ** (self.last_epoch // self.step_size)
 
+    def extent(self):
+        return self.step_size
+
+    def steady(self):
+        lr = self.group["lr"]
+        if self.closed_form:  # base_lr * gamma**k: fixed once gamma**k is 0 or inf (or gamma is 1)
+            return self.gamma == 1.0 or lr == 0.0 or math.isinf(lr)
+        return lr * self.gamma == lr  # 0, inf, or gamma == 1
+
 
 def step_lr(lr: float, step_size: int, gamma: float = 0.1, *, closed_form: bool = False,
-            horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+            horizon: int | None = None) -> TorchSchedule:
     """``StepLR``: multiply by ``gamma`` every ``step_size`` steps."""
     _check_lr(lr)
     _check_positive_int(step_size, "step_size")
@@ -176,9 +236,15 @@ class _MultiStepLR(_Emulator):
         milestones = sorted(self.milestones.elements())
         return self.base_lr * self.gamma ** bisect_right(milestones, self.last_epoch)
 
+    def extent(self):
+        return max(self.milestones, default=0)
+
+    def steady(self):
+        return self.last_epoch >= self.extent()
+
 
 def multi_step_lr(lr: float, milestones: Sequence[int], gamma: float = 0.1, *, closed_form: bool = False,
-                  horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                  horizon: int | None = None) -> TorchSchedule:
     """``MultiStepLR``: multiply by ``gamma`` at each milestone (strictly increasing step numbers)."""
     _check_lr(lr)
     milestones = list(milestones)
@@ -203,9 +269,15 @@ class _ConstantLR(_Emulator):
     def closed(self):
         return self.base_lr * (self.factor + (self.last_epoch >= self.total_iters) * (1 - self.factor))
 
+    def extent(self):
+        return self.total_iters
+
+    def steady(self):
+        return self.last_epoch >= self.total_iters
+
 
 def constant_lr(lr: float, factor: float = 1.0 / 3, total_iters: int = 5, *, closed_form: bool = False,
-                horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                horizon: int | None = None) -> TorchSchedule:
     """``ConstantLR``: ``lr * factor`` for the first ``total_iters`` steps, then ``lr``."""
     _check_lr(lr)
     if not 0 <= factor <= 1:
@@ -232,9 +304,15 @@ class _LinearLR(_Emulator):
         return self.base_lr * (self.start_factor + (self.end_factor - self.start_factor)
                                * min(self.total_iters, self.last_epoch) / self.total_iters)
 
+    def extent(self):
+        return self.total_iters
+
+    def steady(self):
+        return self.last_epoch >= self.total_iters
+
 
 def linear_lr(lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5, *,
-              closed_form: bool = False, horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+              closed_form: bool = False, horizon: int | None = None) -> TorchSchedule:
     """``LinearLR``: the factor goes linearly from ``start_factor`` to ``end_factor`` over ``total_iters`` steps."""
     _check_lr(lr)
     if not 0 < start_factor <= 1:
@@ -258,9 +336,15 @@ class _ExponentialLR(_Emulator):
     def closed(self):
         return self.base_lr * self.gamma ** self.last_epoch
 
+    def steady(self):
+        lr = self.group["lr"]
+        if self.closed_form:  # base_lr * gamma**t: fixed once gamma**t is 0 or inf (or gamma is 1)
+            return self.gamma == 1.0 or lr == 0.0 or math.isinf(lr)
+        return lr * self.gamma == lr  # 0, inf, or gamma == 1
+
 
 def exponential_lr(lr: float, gamma: float, *, closed_form: bool = False,
-                   horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                   horizon: int | None = None) -> TorchSchedule:
     """``ExponentialLR``: multiply by ``gamma`` every step."""
     _check_lr(lr)
     if not (math.isfinite(gamma) and gamma >= 0):
@@ -283,9 +367,15 @@ class _PolynomialLR(_Emulator):
     def closed(self):
         return self.base_lr * (1.0 - min(self.total_iters, self.last_epoch) / self.total_iters) ** self.power
 
+    def extent(self):
+        return self.total_iters
+
+    def steady(self):
+        return self.last_epoch >= self.total_iters
+
 
 def polynomial_lr(lr: float, total_iters: int = 5, power: float = 1.0, *, closed_form: bool = False,
-                  horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                  horizon: int | None = None) -> TorchSchedule:
     """``PolynomialLR``: ``lr * (1 - t / total_iters) ** power``, then 0."""
     _check_lr(lr)
     _check_positive_int(total_iters, "total_iters")
@@ -312,9 +402,12 @@ class _CosineAnnealingLR(_Emulator):
     def closed(self):
         return self.eta_min + (self.base_lr - self.eta_min) * (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
 
+    def extent(self):
+        return self.T_max
+
 
 def cosine_annealing_lr(lr: float, T_max: int, eta_min: float = 0.0, *, closed_form: bool = False,  # noqa: N803
-                        horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                        horizon: int | None = None) -> TorchSchedule:
     """``CosineAnnealingLR``: half a cosine from ``lr`` to ``eta_min`` over ``T_max`` steps (then back up).
 
     torch's recursive form by default; ``closed_form=True`` gives
@@ -354,9 +447,12 @@ class _CosineAnnealingWarmRestarts(_Emulator):
         self.last_epoch = math.floor(epoch)
         self.group["lr"] = self.get_lr()
 
+    def extent(self):
+        return self.T_0
+
 
 def cosine_annealing_warm_restarts(lr: float, T_0: int, T_mult: int = 1, eta_min: float = 0.0, *,  # noqa: N803
-                                   horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                                   horizon: int | None = None) -> TorchSchedule:
     """``CosineAnnealingWarmRestarts`` (SGDR, the AdamW paper's AdamWR): cosine cycles of ``T_0 * T_mult**i`` steps."""
     _check_lr(lr)
     _check_positive_int(T_0, "T_0")
@@ -377,7 +473,7 @@ class _LambdaLR(_Emulator):
         return self.base_lr * self.lr_lambda(self.last_epoch)
 
 
-def lambda_lr(lr: float, lr_lambda: Callable[[int], float], *, horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+def lambda_lr(lr: float, lr_lambda: Callable[[int], float], *, horizon: int | None = None) -> TorchSchedule:
     """``LambdaLR``: ``lr * lr_lambda(t)`` (evaluated on the host, in Python floats, as torch does)."""
     _check_lr(lr)
     if not callable(lr_lambda):
@@ -425,6 +521,9 @@ class _OneCycleLR(_Emulator):
             start_step = phase["end_step"]
         raise AssertionError("unreachable")
 
+    def extent(self):
+        return self.total_steps
+
 
 def one_cycle_lr(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal_strategy: str = "cos",
                  div_factor: float = 25.0, final_div_factor: float = 1e4, three_phase: bool = False, *,
@@ -469,6 +568,12 @@ class _SequentialLR(_Emulator):
             emulator.last_epoch -= 1
         self.emulators[bisect_right(self.milestones, 0)].initial_step()
 
+    def extent(self):
+        return self.milestones[-1] + self.emulators[-1].extent() if self.milestones else self.emulators[0].extent()
+
+    def steady(self):
+        return self.last_epoch >= (self.milestones[-1] if self.milestones else 0) and self.emulators[-1].steady()
+
     def step(self):
         self.last_epoch += 1
         idx = bisect_right(self.milestones, self.last_epoch)
@@ -480,7 +585,7 @@ class _SequentialLR(_Emulator):
 
 
 def sequential_lr(lr: float, schedules: Sequence[TorchSchedule], milestones: Sequence[int], *,
-                  horizon: int = DEFAULT_HORIZON) -> TorchSchedule:
+                  horizon: int | None = None) -> TorchSchedule:
     """``SequentialLR``: ``schedules[i]`` from ``milestones[i-1]`` on (e.g. linear warmup, then cosine).
 
     The schedules must be built from this module with the same ``lr`` (torch's

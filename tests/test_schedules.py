@@ -61,7 +61,7 @@ def test_adamw_with_schedule_is_bitwise_without_x64(make_torch, make_jax):
 
 
 def test_schedule_is_an_optax_schedule_under_jit():
-    schedule = S.exponential_lr(0.1, 0.9, horizon=10)
+    schedule = S.multi_step_lr(0.1, [3, 6], 0.9, horizon=10)  # steady after 6: holds past the table
     values = jax.jit(jax.vmap(schedule))(jnp.arange(12))
     np.testing.assert_array_equal(np.asarray(values), np.float32(schedule.table[np.minimum(np.arange(12), 9)]))
 
