@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from jax_impl import _cuda_rounding
 from jax_impl import bias_correction as bc
 from jax_impl import cpu_kernel
 from jax_impl.schedules import TorchSchedule
@@ -358,8 +359,13 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
-                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel):
+                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, rounding="torch-cpu"):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
+    contraction = _cuda_rounding.resolve(rounding)
+    if contraction is not None:  # torch's CUDA kernel's rounding: its own module
+        return _cuda_rounding.adamw_step(grads, state, params, contraction, learning_rate=learning_rate, b1=b1,
+                                         b2=b2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                         maximize=maximize, mask=mask, kernel=kernel)
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
@@ -445,6 +451,7 @@ def adamw(
     torch_layout: Any | None = None,
     scalar_tail: Any | None = None,
     kernel: str = "auto",
+    rounding: str | _cuda_rounding.CudaRounding = "auto",
 ) -> optax.GradientTransformation:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
 
@@ -499,6 +506,12 @@ def adamw(
         traffic than XLA:CPU's fusions); ``"auto"`` (default) uses the kernel on
         a single-device CPU backend when it builds, else XLA.  The two agree
         bit for bit.
+      rounding: whose rounding to reproduce: ``"torch-cpu"`` (torch's fused CPU
+        kernel, as above), ``"torch-cuda"`` (torch's fused CUDA kernel: moments
+        and decay in double, rounded once; ``jax_impl._cuda_rounding`` has the
+        model; computed with float64 scoped to the update, dtypes unchanged),
+        or ``"auto"`` (default): torch-cuda on a GPU backend, else torch-cpu.
+        A ``jax_impl.CudaRounding`` picks nvcc's FMA contractions explicitly.
 
     Returns:
       An ``optax.GradientTransformation``.  ``optax.apply_updates`` recovers
@@ -517,12 +530,13 @@ def adamw(
     _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
+    _cuda_rounding.check_rounding(rounding)
     if torch_layout is not None:
         torch_layout = jax.tree.map(_validate_order, torch_layout)
     options = dict(learning_rate=learning_rate, b1=float(b1), b2=float(b2), eps=float(eps),
                    weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
-                   kernel=kernel)
+                   kernel=kernel, rounding=rounding)
 
     def init_fn(params: optax.Params) -> AdamWState:
         _check_params(params)

@@ -1,0 +1,328 @@
+"""AdamW with the rounding of torch's fused CUDA kernel, in XLA (``jax_impl.adamw(..., rounding="torch-cuda")``).
+
+torch's fused CUDA AdamW (``FusedAdamMathFunctor`` / ``adam_math`` in
+``aten/src/ATen/native/cuda/fused_adam_utils.cuh``, the same in torch 2.11 and
+2.13) is not its CPU kernel.  Its hyperparameters arrive as C ``double``
+(``lr``, ``beta1``, ``beta2``, ``weight_decay``, ``eps``), its arithmetic type
+``opmath_t`` is ``float`` for float32/float16/bfloat16 params and ``double``
+for float64, and C++ promotion does the rest.  For float32 params, per element:
+
+=====================================  =========================================================
+source line                            rounding
+=====================================  =========================================================
+``param -= lr * weight_decay * param`` ``fl32(p - fl64(fl64(lr*wd) * p))``: double, rounded once
+                                       (nvcc may contract: ``fl32(fma(-lr*wd, p, p))``)
+``exp_avg = beta1 * exp_avg +``        ``fl32(fl64(b1*m) + fl64((1-b1)*g))`` in double, rounded once
+``(1 - beta1) * grad``                 (contracted: ``fma(b1, m, (1-b1)*g)`` or ``fma(1-b1, g, b1*m)``)
+``exp_avg_sq = beta2 * exp_avg_sq +``  ``fl32(fl64(b2*v) + fl64(fl64((1-b2)*g)*g))``
+``(1 - beta2) * grad * grad``          (contracted: ``fma(b2, v, .)`` or ``fma((1-b2)*g, g, b2*v)``)
+``bias_correction1 = 1 - pow_(beta1,`` ``pow(double, double(float step))`` on the device, in double,
+``*step_count)`` (per tensor)          then passed to ``adam_math`` as ``opmath_t``: rounded to float32
+``bias_correction2_sqrt``              ``sqrt`` in double of ``1 - pow(beta2, step)``, rounded to float32
+``step_size = lr / bias_correction1``  ``fl32(lr / double(bc1_f32))``: double division, rounded
+``denom = sqrt(v) / bc2_sqrt + eps``   ``fl32(fl64(double(fl32(sqrtf(v) / bc2_sqrt_f32)) + eps))``
+``param -= step_size * exp_avg /       all float32: ``p - fl32(fl32(step_size * m) / denom)``
+denom``                                (no product meets an add: nothing to contract)
+``max(max_exp_avg_sq, exp_avg_sq)``    ``std::max`` of the rounded float32 values
+=====================================  =========================================================
+
+float16/bfloat16 params are loaded to float32 and the results rounded to the
+param dtype at the store; float64 params do everything in double.  The CPU
+kernel instead rounds ``1 - lr*wd`` to float32 and multiplies (float32), runs the
+moments in float32 with a ``lerp`` and adds ``eps`` in float32.
+
+Which products nvcc contracts into FMAs cannot be read from the source (it is
+free to under ``--fmad=true``, its default; LLVM's DAG combiner fuses the first
+product of ``a*b + c*d`` unless the other has fewer uses): each site is a
+:class:`CudaRounding` option, ``CudaRounding()`` is the likeliest, and
+``python -m crosscheck gpu`` compares every combination with torch on a GPU.
+
+How it is computed without changing users' dtypes: the elementwise part is
+traced under a scoped ``jax_enable_x64`` (float64 exists only inside the
+update; params, grads and state keep their dtypes).  Inside, a rounded double
+product is ``a * b + (-0.0)`` (no FMA can swallow it), and an FMA is computed
+exactly from products that are exact in double (one factor split into 18-bit
+pieces, the other into 27-bit pieces, by masking bits, not by arithmetic a
+compiler could contract) summed with TwoSum: the result is ``fl64(a*b + c)``
+unless ``a*b + c`` lies within 2**-100 of it of a double rounding midpoint.  So
+the update is the same bits on any XLA backend, whatever its own contraction
+habits.  Float64 arithmetic is slow on most GPUs but the update is memory-bound;
+on an H100 (67 TFLOP/s in float64) its ~100 double operations per element
+cost less than the 28 bytes it moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_impl import bias_correction as bc
+from jax_impl.schedules import TorchSchedule
+
+ROUNDINGS = ("auto", "torch-cpu", "torch-cuda")
+DECAY_CONTRACTIONS = ("fma", "none")
+MOMENT_CONTRACTIONS = ("fma-first", "fma-second", "none")
+
+
+class CudaRounding(NamedTuple):
+    """Which products of torch's CUDA kernel nvcc contracted into FMAs (one GPU run tells; see module docstring)."""
+
+    decay: str = "fma"  # "fma": fma(-lr*wd, p, p); "none": p - fl64(lr*wd*p)
+    exp_avg: str = "fma-first"  # "fma-first": fma(b1, m, (1-b1)*g); "fma-second": fma(1-b1, g, b1*m)
+    exp_avg_sq: str = "fma-first"  # "fma-first": fma(b2, v, ((1-b2)*g)*g); "fma-second": fma((1-b2)*g, g, b2*v)
+
+    def label(self) -> str:
+        return f"decay={self.decay},exp_avg={self.exp_avg},exp_avg_sq={self.exp_avg_sq}"
+
+
+def candidates() -> list[CudaRounding]:
+    """Every combination of contraction choices (2 * 3 * 3 = 18)."""
+    return [CudaRounding(*c) for c in itertools.product(DECAY_CONTRACTIONS, MOMENT_CONTRACTIONS,
+                                                         MOMENT_CONTRACTIONS)]
+
+
+def check_rounding(rounding) -> None:
+    """Raise ValueError naming ``rounding`` unless it is one of ROUNDINGS or a valid CudaRounding."""
+    if isinstance(rounding, CudaRounding):
+        if (rounding.decay not in DECAY_CONTRACTIONS or rounding.exp_avg not in MOMENT_CONTRACTIONS
+                or rounding.exp_avg_sq not in MOMENT_CONTRACTIONS):
+            raise ValueError(f"Invalid rounding: {rounding!r} (decay in {DECAY_CONTRACTIONS}, exp_avg and "
+                             f"exp_avg_sq in {MOMENT_CONTRACTIONS})")
+        return
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Invalid rounding: {rounding!r} (expected one of {ROUNDINGS} or a CudaRounding)")
+
+
+def resolve(rounding) -> CudaRounding | None:
+    """The CUDA contraction model to follow, or None for torch's CPU rounding (``auto``: CUDA on a GPU backend)."""
+    if isinstance(rounding, CudaRounding):
+        return rounding
+    if rounding == "torch-cuda" or (rounding == "auto" and jax.default_backend() == "gpu"):
+        return CudaRounding()
+    return None
+
+
+def x64_scope():
+    """A context in which float64 exists, whatever the global jax_enable_x64 (jax 0.4.x to 0.11)."""
+    if jax.config.jax_enable_x64:
+        return contextlib.nullcontext()
+    state = getattr(jax, "enable_x64", None)
+    if state is not None and callable(state):
+        return state(True)
+    from jax.experimental import enable_x64  # jax < 0.7
+
+    return enable_x64()
+
+
+# --- exact double arithmetic from operations no compiler may rewrite ------------------------------------
+
+def _keep_high_bits(x: jax.Array, bits: int) -> jax.Array:
+    """x with all but its leading ``bits`` significant bits cleared (by masking: exact, not contractible)."""
+    mask = np.uint64((0xFFFFFFFFFFFFFFFF << (53 - bits)) & 0xFFFFFFFFFFFFFFFF)
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint64) & mask, jnp.float64)
+
+
+def _split(x: jax.Array, bits: int, pieces: int) -> list[jax.Array]:
+    """x as ``pieces`` doubles of at most ``bits`` significant bits each, summing to x exactly."""
+    parts = []
+    rest = x
+    for _ in range(pieces - 1):
+        high = _keep_high_bits(rest, bits)
+        parts.append(high)
+        rest = rest - high  # exact: the low bits of rest
+    parts.append(rest)
+    return parts
+
+
+def _two_sum(a, b):
+    """s, e with s = fl(a + b) and s + e = a + b exactly (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def fma64(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+    """``fl64(a * b + c)`` for doubles, from exact partial products and TwoSum (see module docstring)."""
+    # 18 + 18 + 17 bits times 27 + 26 bits: every partial product has <= 45 bits, exact in double.
+    terms = [c] + [x * y for x in _split(a, 18, 3) for y in _split(b, 27, 2)]
+    # Ogita-Rump-Oishi Sum2: as accurate as summing in double-double, then rounding.
+    total, error = terms[0], jnp.zeros_like(c)
+    for term in terms[1:]:
+        total, e = _two_sum(total, term)
+        error = error + e
+    exact = total + error
+    # Infinite operands make the splits NaN (inf - inf); there the plain expression is the fma's value.
+    plain = a * b + c
+    return jnp.where(jnp.isfinite(plain), exact, plain)
+
+
+def _rounded_mul(a, b, neg_zero):
+    # fma(a, b, -0.0) is the rounded product: a compiler that contracts gets the same bits.
+    return a * b + neg_zero
+
+
+# --- per-step scalars ------------------------------------------------------------------------------------
+
+class _CudaScalars(NamedTuple):
+    lr_wd: jax.Array  # float64: lr * weight_decay in double
+    step_size: jax.Array  # opmath: lr / bias_correction1 (float32: bc1 rounded to float32 first)
+    bias_correction2_sqrt: jax.Array  # opmath
+
+
+def _device_bias_correction(beta: float, t: jax.Array) -> jax.Array:
+    """1 - beta**step in double, step a float32 as torch keeps it (past the host table)."""
+    return 1.0 - jnp.power(jnp.float64(beta), t.astype(jnp.float32).astype(jnp.float64))
+
+
+def _bias_correction_at(beta: float, t: jax.Array) -> jax.Array:
+    table = bc.bias_correction(beta)
+    value = jnp.asarray(table, jnp.float64)[jnp.minimum(t, table.shape[0]) - 1]
+    if bc.is_saturated(table):
+        return value
+    return jnp.where(t <= table.shape[0], value, _device_bias_correction(beta, t))
+
+
+def _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScalars:
+    """Float64 inside x64_scope(): the kernel's per-tensor scalars, rounded where it rounds them."""
+    if isinstance(learning_rate, TorchSchedule):
+        table = np.asarray(learning_rate.table, np.float64)
+        lr = jnp.asarray(table)[jnp.minimum(count, table.shape[0] - 1)]
+    elif callable(learning_rate):
+        lr = jnp.asarray(learning_rate(count)).astype(jnp.float64)
+    else:
+        lr = jnp.float64(learning_rate)
+    bias_correction1 = _bias_correction_at(b1, t).astype(opmath).astype(jnp.float64)
+    bias_correction2_sqrt = jnp.sqrt(_bias_correction_at(b2, t)).astype(opmath)
+    step_size = (lr / bias_correction1).astype(opmath)
+    return _CudaScalars(lr * weight_decay, step_size, bias_correction2_sqrt)
+
+
+# --- the kernel's adam_math, one leaf -------------------------------------------------------------------
+
+def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalars, *, b1, b2, eps, decay,
+          amsgrad, maximize, contraction: CudaRounding):
+    dtype = param.dtype
+    opmath = jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+    f64 = lambda x: x.astype(opmath).astype(jnp.float64)  # noqa: E731  (a load into opmath_t, then promotion)
+    p, g, m, v = (f64(x) for x in (param, grad, exp_avg, exp_avg_sq))
+    if maximize:
+        g = -g
+    neg_zero = -jnp.minimum(jnp.abs(g), 0)  # -0.0 that XLA cannot fold (NaN where torch's result is NaN)
+
+    if decay:
+        if contraction.decay == "fma":
+            p = fma64(-scalars.lr_wd, p, p)
+        else:
+            p = p - _rounded_mul(scalars.lr_wd, p, neg_zero)
+        p = p.astype(opmath).astype(jnp.float64)  # param is opmath_t
+
+    beta1, weight1 = jnp.float64(b1), jnp.float64(1.0 - b1)
+    if contraction.exp_avg == "fma-first":
+        m = fma64(beta1, m, _rounded_mul(weight1, g, neg_zero))
+    elif contraction.exp_avg == "fma-second":
+        m = fma64(weight1, g, _rounded_mul(beta1, m, neg_zero))
+    else:
+        m = _rounded_mul(beta1, m, neg_zero) + _rounded_mul(weight1, g, neg_zero)
+    m = m.astype(opmath)
+
+    beta2, weight2 = jnp.float64(b2), jnp.float64(1.0 - b2)
+    weighted_grad = _rounded_mul(weight2, g, neg_zero)
+    if contraction.exp_avg_sq == "fma-first":
+        v = fma64(beta2, v, _rounded_mul(weighted_grad, g, neg_zero))
+    elif contraction.exp_avg_sq == "fma-second":
+        v = fma64(weighted_grad, g, _rounded_mul(beta2, v, neg_zero))
+    else:
+        v = _rounded_mul(beta2, v, neg_zero) + _rounded_mul(weighted_grad, g, neg_zero)
+    v = v.astype(opmath)
+
+    v_for_denom, new_max = v, None
+    if amsgrad:
+        old_max = max_exp_avg_sq.astype(opmath)
+        new_max = jnp.where(old_max < v, v, old_max)  # std::max(a, b): a < b ? b : a
+        v_for_denom = new_max
+    # The rest is opmath_t arithmetic (correctly rounded on CUDA, which PyTorch builds without fast math) but
+    # for eps, added in double.  Each float32 operation is done in double and rounded: for +, -, *, / and sqrt
+    # of float32 operands that is the float32 result (53 >= 2 * 24 + 2), and it keeps us independent of a
+    # backend's approximate float32 division or square root.
+    rnd = lambda x: x.astype(opmath).astype(jnp.float64)  # noqa: E731
+    divisor = scalars.bias_correction2_sqrt.astype(jnp.float64) + neg_zero  # elementwise: XLA keeps the division
+    scaled = rnd(rnd(jnp.sqrt(f64(v_for_denom))) / divisor)
+    denom = rnd(scaled + jnp.float64(eps))
+    update = rnd(rnd(scalars.step_size.astype(jnp.float64) * f64(m)) / denom)
+    p = rnd(p - update)
+
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+    return cast(p), cast(m), cast(v), cast(new_max)
+
+
+def step_leaves(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, *,
+                count, t, learning_rate, b1, b2, eps, weight_decay, amsgrad, maximize,
+                contraction: CudaRounding) -> list[tuple]:
+    """New (param, exp_avg, exp_avg_sq, max_exp_avg_sq) per leaf, as torch's fused CUDA kernel computes them."""
+    with x64_scope():
+        scalars = {}
+        results = []
+        for p, g, m, v, vmax, decay_on in zip(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves,
+                                              max_leaves, decay_flags):
+            if p.size == 0:
+                results.append((p, m, v, vmax))
+                continue
+            opmath = jnp.dtype(jnp.float64) if p.dtype == jnp.float64 else jnp.dtype(jnp.float32)
+            if opmath not in scalars:
+                scalars[opmath] = _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+            results.append(_leaf(p, g, m, v, vmax, scalars[opmath], b1=b1, b2=b2, eps=eps,
+                                 decay=decay_on and weight_decay != 0, amsgrad=amsgrad, maximize=maximize,
+                                 contraction=contraction))
+    return results
+
+
+def host_bias_corrections(b1: float, b2: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 bias_correction1 and bias_correction2_sqrt of steps 1..steps from the host's double pow.
+
+    The GPU command compares these with the device's ``pow`` (CUDA's libdevice),
+    which the kernel uses: where they differ, the host tables would have to be
+    replaced by the device's values.
+    """
+    t = np.arange(1, steps + 1)
+    bc1 = np.array([1.0 - math.pow(b1, float(np.float32(s))) for s in t])
+    bc2 = np.array([1.0 - math.pow(b2, float(np.float32(s))) for s in t])
+    return bc1.astype(np.float32), np.sqrt(bc2).astype(np.float32)
+
+
+def adamw_step(grads, state, params, contraction: CudaRounding, *, learning_rate, b1, b2, eps, weight_decay,
+               amsgrad, maximize, mask, kernel, **unused):
+    """``_adamw_step`` with torch's CUDA rounding: new (params, state).
+
+    ``decay_rounding``, ``torch_layout`` and ``scalar_tail`` do not apply: the
+    CUDA kernel already decays as ``p - (lr*wd)*p`` in double, and its aligned
+    and unaligned loops run the same arithmetic, so no element is special.
+    """
+    del unused
+    from jax_impl._adamw import AdamWState, _check_grads, _resolve_mask  # imported here: _adamw imports us
+
+    import optax
+
+    if params is None:
+        raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
+    if kernel == "cpu":
+        raise ValueError("adamw: kernel='cpu' computes torch's CPU rounding; rounding='torch-cuda' needs kernel='xla' "
+                         "or 'auto'")
+    _check_grads(grads, params)
+    decay_flags = _resolve_mask(mask, params)
+    count = state.count
+    t = optax.safe_increment(count)
+    param_leaves, treedef = jax.tree.flatten(params)
+    flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
+    max_leaves = flat(state.max_exp_avg_sq) if amsgrad else [None] * len(param_leaves)
+    results = step_leaves(param_leaves, flat(grads), flat(state.exp_avg), flat(state.exp_avg_sq), max_leaves,
+                          decay_flags, count=count, t=t, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, contraction=contraction)
+    new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
+    return new_params, AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
+                                  max_exp_avg_sq=new_max if amsgrad else None)
