@@ -80,10 +80,12 @@ def _exact_fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         if not math.isfinite(plain) or not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
             return plain
         exact = Fraction(x) * Fraction(y) + Fraction(z)
-        return float(exact) if exact != 0 else plain  # keep the sign IEEE gives an exact zero
+        if exact == 0:  # IEEE's signed zero: (+-0) + (+-0) where a factor is zero, +0 where terms cancel
+            return plain if x == 0 or y == 0 else 0.0
+        return float(exact)
 
     a, b, c = np.broadcast_arrays(*(np.asarray(x, np.float64) for x in (a, b, c)))
-    return np.frompyfunc(one, 3, 1)(a, b, c).astype(np.float64)
+    return np.asarray(np.frompyfunc(one, 3, 1)(a, b, c)).astype(np.float64)
 
 
 def torch_cuda_step(

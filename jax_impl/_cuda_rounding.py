@@ -157,8 +157,10 @@ def fma64(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
         total, e = _two_sum(total, term)
         error = error + e
     exact = total + error
-    # Infinite operands make the splits NaN (inf - inf); there the plain expression is the fma's value.
+    # Infinite operands make the splits NaN (inf - inf); there the plain expression is the fma's value.  An
+    # exact zero takes IEEE's sign: that of (+-0) + (+-0) where a factor is zero, else +0.
     plain = a * b + c
+    exact = jnp.where(exact == 0, jnp.where((a == 0) | (b == 0), plain, jnp.zeros_like(exact)), exact)
     return jnp.where(jnp.isfinite(plain), exact, plain)
 
 
@@ -192,7 +194,7 @@ def _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScal
     """Float64 inside x64_scope(): the kernel's per-tensor scalars, rounded where it rounds them."""
     if isinstance(learning_rate, TorchSchedule):
         table = np.asarray(learning_rate.table, np.float64)
-        lr = jnp.asarray(table)[jnp.minimum(count, table.shape[0] - 1)]
+        lr = jnp.asarray(table)[jnp.clip(count, 0, table.shape[0] - 1)]
     elif callable(learning_rate):
         lr = jnp.asarray(learning_rate(count)).astype(jnp.float64)
     else:
