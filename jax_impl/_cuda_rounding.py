@@ -43,7 +43,7 @@ update; params, grads and state keep their dtypes).  Inside, a rounded double
 product is ``a * b + (-0.0)`` (no FMA can swallow it), and an FMA is computed
 exactly from products that are exact in double (one factor split into 18-bit
 pieces, the other into 27-bit pieces, by masking bits, not by arithmetic a
-compiler could contract) summed with TwoSum: the result is ``fl64(a*b + c)``
+compiler could contract; two pieces when the other factor is a float32 value) summed with TwoSum: the result is ``fl64(a*b + c)``
 unless ``a*b + c`` lies within 2**-100 of it of a double rounding midpoint.  So
 the update is the same bits on any XLA backend, whatever its own contraction
 habits.  Float64 arithmetic is slow on most GPUs but the update is memory-bound;
@@ -147,10 +147,18 @@ def _two_sum(a, b):
     return s, (a - (s - bb)) + (b - bb)
 
 
-def fma64(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-    """``fl64(a * b + c)`` for doubles, from exact partial products and TwoSum (see module docstring)."""
-    # 18 + 18 + 17 bits times 27 + 26 bits: every partial product has <= 45 bits, exact in double.
-    terms = [c] + [x * y for x in _split(a, 18, 3) for y in _split(b, 27, 2)]
+def fma64(a: jax.Array, b: jax.Array, c: jax.Array, b_is_float32: bool = False) -> jax.Array:
+    """``fl64(a * b + c)`` for doubles, from exact partial products and TwoSum (see module docstring).
+
+    ``b_is_float32``: b holds a float32 value (24 bits), so two pieces of a suffice.
+    """
+    if b_is_float32:
+        # 27 + 26 bits times 24 bits: <= 51 bits, exact in double.
+        products = [x * b for x in _split(a, 27, 2)]
+    else:
+        # 18 + 18 + 17 bits times 27 + 26 bits: every partial product has <= 45 bits, exact in double.
+        products = [x * y for x in _split(a, 18, 3) for y in _split(b, 27, 2)]
+    terms = [c] + products
     # Ogita-Rump-Oishi Sum2: as accurate as summing in double-double, then rounding.
     total, error = terms[0], jnp.zeros_like(c)
     for term in terms[1:]:
@@ -211,6 +219,7 @@ def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalar
           amsgrad, maximize, contraction: CudaRounding):
     dtype = param.dtype
     opmath = jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+    narrow = opmath == jnp.float32  # p, g, m, v hold float32 values: cheaper exact FMAs
     f64 = lambda x: x.astype(opmath).astype(jnp.float64)  # noqa: E731  (a load into opmath_t, then promotion)
     p, g, m, v = (f64(x) for x in (param, grad, exp_avg, exp_avg_sq))
     if maximize:
@@ -219,16 +228,16 @@ def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalar
 
     if decay:
         if contraction.decay == "fma":
-            p = fma64(-scalars.lr_wd, p, p)
+            p = fma64(-scalars.lr_wd, p, p, narrow)
         else:
             p = p - _rounded_mul(scalars.lr_wd, p, neg_zero)
         p = p.astype(opmath).astype(jnp.float64)  # param is opmath_t
 
     beta1, weight1 = jnp.float64(b1), jnp.float64(1.0 - b1)
     if contraction.exp_avg == "fma-first":
-        m = fma64(beta1, m, _rounded_mul(weight1, g, neg_zero))
+        m = fma64(beta1, m, _rounded_mul(weight1, g, neg_zero), narrow)
     elif contraction.exp_avg == "fma-second":
-        m = fma64(weight1, g, _rounded_mul(beta1, m, neg_zero))
+        m = fma64(weight1, g, _rounded_mul(beta1, m, neg_zero), narrow)
     else:
         m = _rounded_mul(beta1, m, neg_zero) + _rounded_mul(weight1, g, neg_zero)
     m = m.astype(opmath)
@@ -236,9 +245,9 @@ def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalar
     beta2, weight2 = jnp.float64(b2), jnp.float64(1.0 - b2)
     weighted_grad = _rounded_mul(weight2, g, neg_zero)
     if contraction.exp_avg_sq == "fma-first":
-        v = fma64(beta2, v, _rounded_mul(weighted_grad, g, neg_zero))
+        v = fma64(beta2, v, _rounded_mul(weighted_grad, g, neg_zero), narrow)
     elif contraction.exp_avg_sq == "fma-second":
-        v = fma64(weighted_grad, g, _rounded_mul(beta2, v, neg_zero))
+        v = fma64(weighted_grad, g, _rounded_mul(beta2, v, neg_zero), narrow)
     else:
         v = _rounded_mul(beta2, v, neg_zero) + _rounded_mul(weighted_grad, g, neg_zero)
     v = v.astype(opmath)
