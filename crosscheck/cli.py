@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schedules", help="torch lr schedulers vs jax_impl.schedules and optax")
     sch.add_argument("--out", type=Path, default=argparse.SUPPRESS)
     sch.add_argument("--steps", type=int, default=10_000)
+    from crosscheck import gpu
+
+    gpu.add_parser(sub)
     return parser
 
 
@@ -182,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(schedules.markdown(rows))
         print(f"report: {out}/report.json, report.md, schedules.png")
         return 0 if passed else 1
+    if args.command == "gpu":
+        from crosscheck import gpu
+
+        return gpu.run(args)
     if args.command == "cifar10":
         from crosscheck.cifar_parity import Config, main_run
 
