@@ -240,7 +240,7 @@ def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int):
 
 
 def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dtype: str, repeats: int,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, leaves: int = 300) -> list[dict]:
     torch_device = "cuda" if device == "gpu" else "cpu"
     rows = []
     cases = [(layout, n) for layout in layouts for n in sizes]
@@ -250,7 +250,7 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
 
         bar = tqdm(total=len(cases), desc="step_time", unit="case", file=sys.stderr)
     for layout, n in cases:
-        shapes = [(n,)] if layout == "one" else many_shapes(n)
+        shapes = [(n,)] if layout == "one" else many_shapes(n, leaves)
         numel = int(sum(np.prod(s) for s in shapes))
         benches = [IMPLS[i](shapes, dtype, torch_device) for i in impls]
         kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
