@@ -369,7 +369,7 @@ def _contraction_candidates(settings: Settings, clock: Clock, baseline: str) -> 
 
     candidates = _cuda_rounding.candidates()
     if settings.dry_run:
-        candidates = candidates[:2]
+        candidates = [candidates[0], candidates[-1]]  # one of each kernel generation
     names = [f"jax_impl[{c.label()}]" for c in candidates] + ["reference(torch-cuda emulation)"]
     # lr * wd = 0.05: the decay's rounding differs between candidates often enough to be seen.
     hyper = implementations.Hyper(lr=0.1, weight_decay=0.5)
@@ -392,8 +392,9 @@ def _contraction_candidates(settings: Settings, clock: Clock, baseline: str) -> 
     default = f"jax_impl[{_cuda_rounding.CudaRounding().label()}]"
     return {"by_dtype": table, "bitwise_in_every_dtype": bitwise_everywhere,
             "default_candidate": default, "model_bitwise": default in bitwise_everywhere,
-            "note": "float32/bfloat16 results rarely depend on the contraction (the double results differ in "
-                    "their last bit); float64 decides"}
+            "note": "two kernel generations: 'double' (hyperparameters as double) and 'opmath' (pytorch#154069: "
+                    "opmath_t arithmetic, explicit FMAs); within 'double', float32/bfloat16 results rarely depend "
+                    "on the contraction (the double results differ in their last bit): float64 decides"}
 
 
 def _bias_corrections(settings: Settings) -> dict:
@@ -411,12 +412,24 @@ def _bias_corrections(settings: Settings) -> dict:
         device_bc1 = (1 - torch.pow(beta1, t)).to(torch.float32).cpu().numpy()
         device_bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, t)).to(torch.float32).cpu().numpy()
         host_bc1, host_bc2_sqrt = _cuda_rounding.host_bias_corrections(b1, b2, steps)
-        differ1 = np.flatnonzero(device_bc1.view(np.int32) != host_bc1.view(np.int32)) + 1
-        differ2 = np.flatnonzero(device_bc2_sqrt.view(np.int32) != host_bc2_sqrt.view(np.int32)) + 1
-        rows[f"b1={b1}, b2={b2}"] = {"steps": steps, "bc1_steps_differing": int(differ1.size),
-                                     "bc1_first": differ1[:10].tolist(), "bc2_sqrt_steps_differing": int(differ2.size),
-                                     "bc2_sqrt_first": differ2[:10].tolist()}
+        rows[f"double pow, b1={b1}, b2={b2}"] = _differing(steps, device_bc1, host_bc1, device_bc2_sqrt,
+                                                           host_bc2_sqrt)
+        # The opmath kernel: pow_(float, float), i.e. CUDA's powf, and float32 arithmetic after it.
+        t32 = torch.arange(1, steps + 1, dtype=torch.float32, device=settings.device)
+        beta1_32, beta2_32 = torch.full_like(t32, b1), torch.full_like(t32, b2)
+        device_bc1 = (1 - torch.pow(beta1_32, t32)).cpu().numpy()
+        device_bc2_sqrt = torch.sqrt(1 - torch.pow(beta2_32, t32)).cpu().numpy()
+        host_bc1, host_bc2_sqrt = _cuda_rounding.float32_bias_corrections(b1, b2, steps)
+        rows[f"float pow, b1={b1}, b2={b2}"] = _differing(steps, device_bc1, host_bc1, device_bc2_sqrt,
+                                                          host_bc2_sqrt)
     return rows
+
+
+def _differing(steps, device_bc1, host_bc1, device_bc2_sqrt, host_bc2_sqrt) -> dict:
+    differ1 = np.flatnonzero(device_bc1.view(np.int32) != host_bc1.view(np.int32)) + 1
+    differ2 = np.flatnonzero(device_bc2_sqrt.view(np.int32) != host_bc2_sqrt.view(np.int32)) + 1
+    return {"steps": steps, "bc1_steps_differing": int(differ1.size), "bc1_first": differ1[:10].tolist(),
+            "bc2_sqrt_steps_differing": int(differ2.size), "bc2_sqrt_first": differ2[:10].tolist()}
 
 
 # --- (b) step time ------------------------------------------------------------------------------------------

@@ -68,30 +68,37 @@ from jax_impl.schedules import TorchSchedule
 ROUNDINGS = ("auto", "torch-cpu", "torch-cuda")
 DECAY_CONTRACTIONS = ("fma", "none")
 MOMENT_CONTRACTIONS = ("fma-first", "fma-second", "none")
+ARITHMETICS = ("double", "opmath")
 
 
 class CudaRounding(NamedTuple):
-    """Which products of torch's CUDA kernel nvcc contracted into FMAs (one GPU run tells; see module docstring)."""
+    """Which kernel generation, and which products nvcc contracted into FMAs (one GPU run tells; see module doc)."""
 
-    decay: str = "fma"  # "fma": fma(-lr*wd, p, p); "none": p - fl64(lr*wd*p)
+    decay: str = "fma"  # "fma": fma(-lr*wd, p, p); "none": p - fl(lr*wd*p)
     exp_avg: str = "fma-first"  # "fma-first": fma(b1, m, (1-b1)*g); "fma-second": fma(1-b1, g, b1*m)
     exp_avg_sq: str = "fma-first"  # "fma-first": fma(b2, v, ((1-b2)*g)*g); "fma-second": fma((1-b2)*g, g, b2*v)
+    # "double": hyperparameters as double (the kernel the issue describes); "opmath": everything in opmath_t
+    # with explicit std::fma lerps (pytorch/pytorch#154069 and #153782; exp_avg/exp_avg_sq then do not apply).
+    arithmetic: str = "double"
 
     def label(self) -> str:
+        if self.arithmetic == "opmath":
+            return f"opmath,decay={self.decay}"
         return f"decay={self.decay},exp_avg={self.exp_avg},exp_avg_sq={self.exp_avg_sq}"
 
 
 def candidates() -> list[CudaRounding]:
-    """Every combination of contraction choices (2 * 3 * 3 = 18)."""
-    return [CudaRounding(*c) for c in itertools.product(DECAY_CONTRACTIONS, MOMENT_CONTRACTIONS,
-                                                         MOMENT_CONTRACTIONS)]
+    """Every kernel generation and contraction choice: 2 * 3 * 3 double-arithmetic ones, 2 opmath ones."""
+    double = [CudaRounding(*c) for c in itertools.product(DECAY_CONTRACTIONS, MOMENT_CONTRACTIONS,
+                                                           MOMENT_CONTRACTIONS)]
+    return double + [CudaRounding(decay=d, arithmetic="opmath") for d in DECAY_CONTRACTIONS]
 
 
 def check_rounding(rounding) -> None:
     """Raise ValueError naming ``rounding`` unless it is one of ROUNDINGS or a valid CudaRounding."""
     if isinstance(rounding, CudaRounding):
         if (rounding.decay not in DECAY_CONTRACTIONS or rounding.exp_avg not in MOMENT_CONTRACTIONS
-                or rounding.exp_avg_sq not in MOMENT_CONTRACTIONS):
+                or rounding.exp_avg_sq not in MOMENT_CONTRACTIONS or rounding.arithmetic not in ARITHMETICS):
             raise ValueError(f"Invalid rounding: {rounding!r} (decay in {DECAY_CONTRACTIONS}, exp_avg and "
                              f"exp_avg_sq in {MOMENT_CONTRACTIONS})")
         return
@@ -217,6 +224,9 @@ def _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScal
 
 def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalars, *, b1, b2, eps, decay,
           amsgrad, maximize, contraction: CudaRounding):
+    if contraction.arithmetic == "opmath":
+        return _leaf_opmath(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, b1=b1, b2=b2, eps=eps,
+                            decay=decay, amsgrad=amsgrad, maximize=maximize, contraction=contraction)
     dtype = param.dtype
     opmath = jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
     narrow = opmath == jnp.float32  # p, g, m, v hold float32 values: cheaper exact FMAs
@@ -286,7 +296,8 @@ def step_leaves(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, ma
                 continue
             opmath = jnp.dtype(jnp.float64) if p.dtype == jnp.float64 else jnp.dtype(jnp.float32)
             if opmath not in scalars:
-                scalars[opmath] = _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+                make = _scalars_opmath if contraction.arithmetic == "opmath" else _scalars
+                scalars[opmath] = make(learning_rate, b1, b2, weight_decay, count, t, opmath)
             results.append(_leaf(p, g, m, v, vmax, scalars[opmath], b1=b1, b2=b2, eps=eps,
                                  decay=decay_on and weight_decay != 0, amsgrad=amsgrad, maximize=maximize,
                                  contraction=contraction))
@@ -337,3 +348,128 @@ def adamw_step(grads, state, params, contraction: CudaRounding, *, learning_rate
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
     return new_params, AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
                                   max_exp_avg_sq=new_max if amsgrad else None)
+
+
+# --- the newer kernel: opmath_t arithmetic with explicit FMAs ----------------------------------------------
+# pytorch/pytorch#154069 casts lr, betas, weight_decay and eps to opmath_t once per block, takes the bias
+# corrections from pow_(opmath_t, opmath_t) (powf for float32: CUDA's, not correctly rounded: the GPU run
+# compares it with the host's) and #153782 writes the moments as explicit FMAs:
+#   exp_avg = fma(b1, m, fma(-b1, g, g)),  exp_avg_sq = fma(b2, v, fma(-b2, g*g, g*g)).
+# For float32 opmath every operation is emulated in double and rounded to float32 (exact for +, -, *, /,
+# sqrt); a float32 FMA is rounded once from the exact value (TwoSum, then round-to-odd in double).
+
+def _round_to_odd_then_f32(total, error):
+    """fl32(total + error) exactly, for a TwoSum pair: make total's last bit sticky (odd) when error != 0."""
+    bits = jax.lax.bitcast_convert_type(total, jnp.int64)
+    even = (bits & 1) == 0
+    # Move one ulp toward error where total is even and inexact (toward zero when error opposes total's sign).
+    toward = jnp.where((error > 0) == (total > 0), 1, -1).astype(jnp.int64)
+    adjusted = jax.lax.bitcast_convert_type(bits + toward, jnp.float64)
+    odd = jnp.where((error != 0) & even & (total != 0), adjusted, total)
+    return odd.astype(jnp.float32).astype(jnp.float64)
+
+
+def fma32(a, b, c):
+    """fl32(a * b + c) for float32 values held in doubles: the product is exact in double."""
+    product = a * b
+    total, error = _two_sum(product, c)
+    plain = product + c
+    exact = jnp.where(total == 0, plain, _round_to_odd_then_f32(total, error))
+    return jnp.where(jnp.isfinite(plain), exact, plain.astype(jnp.float32).astype(jnp.float64))
+
+
+def _opmath_bias_corrections(beta: float, opmath) -> np.ndarray:
+    """(1 - pow_(beta, t)) per step t = 1.., in opmath_t, from the host's pow; ends where it reaches 1."""
+    if opmath == jnp.float64:
+        return bc.bias_correction(beta)
+    return _float32_bias_correction(float(np.float32(beta)))
+
+
+_FLOAT32_TABLES: dict = {}
+
+
+def _float32_bias_correction(beta32: float) -> np.ndarray:
+    if beta32 not in _FLOAT32_TABLES:
+        values, start, chunk = [], 1, 1 << 16
+        while start <= bc.MAX_TABLE_STEPS:
+            t = np.arange(start, start + chunk, dtype=np.float32).astype(np.float64)
+            powered = np.power(beta32, t).astype(np.float32)
+            block = (np.float32(1) - powered).astype(np.float32)
+            done = np.flatnonzero(block == 1)
+            if done.size:
+                values.append(block[:done[0] + 1])
+                break
+            values.append(block)
+            start += chunk
+        table = np.concatenate(values)
+        table.setflags(write=False)
+        _FLOAT32_TABLES[beta32] = table
+    return _FLOAT32_TABLES[beta32]
+
+
+def float32_bias_corrections(b1: float, b2: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The opmath kernel's float32 bias_correction1 and bias_correction2_sqrt for steps 1..steps (host powf)."""
+    t = np.arange(1, steps + 1, dtype=np.float32).astype(np.float64)
+    one = np.float32(1)
+    bc1 = one - np.power(float(np.float32(b1)), t).astype(np.float32)
+    bc2 = one - np.power(float(np.float32(b2)), t).astype(np.float32)
+    return bc1.astype(np.float32), np.sqrt(bc2.astype(np.float32))
+
+
+def _opmath_bc_at(beta: float, t, opmath):
+    table = _opmath_bias_corrections(beta, opmath)
+    value = jnp.asarray(table, opmath)[jnp.minimum(t, table.shape[0]) - 1]
+    if table[-1] == 1:
+        return value.astype(jnp.float64)
+    beyond = 1 - jnp.power(jnp.asarray(beta, opmath), t.astype(jnp.float32).astype(opmath))
+    return jnp.where(t <= table.shape[0], value, beyond).astype(jnp.float64)
+
+
+def _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScalars:
+    """The opmath kernel's scalars (held in float64, with float32 values for float32 opmath)."""
+    rnd = lambda x: jnp.asarray(x, jnp.float64).astype(opmath).astype(jnp.float64)  # noqa: E731
+    if isinstance(learning_rate, TorchSchedule):
+        table = np.asarray(learning_rate.table, np.float64)
+        lr = jnp.asarray(table)[jnp.clip(count, 0, table.shape[0] - 1)]
+    elif callable(learning_rate):
+        lr = jnp.asarray(learning_rate(count)).astype(jnp.float64)
+    else:
+        lr = jnp.float64(learning_rate)
+    lr = rnd(lr)
+    bias_correction1 = _opmath_bc_at(b1, t, opmath)
+    bias_correction2_sqrt = rnd(jnp.sqrt(_opmath_bc_at(b2, t, opmath)))
+    return _CudaScalars(rnd(lr * rnd(weight_decay)), rnd(lr / bias_correction1), bias_correction2_sqrt)
+
+
+def _leaf_opmath(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalars, *, b1, b2, eps,
+                 decay, amsgrad, maximize, contraction: CudaRounding):
+    dtype = param.dtype
+    opmath = jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+    narrow = opmath == jnp.float32
+    rnd = lambda x: x.astype(opmath).astype(jnp.float64)  # noqa: E731
+    fma = fma32 if narrow else fma64
+    const = lambda x: jnp.float64(np.float32(x) if narrow else x)  # noqa: E731  (hyperparameters in opmath_t)
+    p, g, m, v = (rnd(x) for x in (param, grad, exp_avg, exp_avg_sq))
+    if maximize:
+        g = -g
+    neg_zero = -jnp.minimum(jnp.abs(g), 0)
+    if decay:
+        if contraction.decay == "fma":
+            p = fma(-scalars.lr_wd, p, p)
+        else:
+            p = rnd(p - rnd(_rounded_mul(scalars.lr_wd, p, neg_zero)))
+    beta1, beta2 = const(b1), const(b2)
+    m = fma(beta1, m, fma(-beta1, g, g))
+    grad_sq = rnd(_rounded_mul(g, g, neg_zero))
+    v = fma(beta2, v, fma(-beta2, grad_sq, grad_sq))
+    v_for_denom, new_max = v, None
+    if amsgrad:
+        old_max = rnd(max_exp_avg_sq)
+        new_max = jnp.where(old_max < v, v, old_max)
+        v_for_denom = new_max
+    divisor = scalars.bias_correction2_sqrt + neg_zero
+    denom = rnd(rnd(rnd(jnp.sqrt(v_for_denom)) / divisor) + const(eps))
+    update = rnd(rnd(_rounded_mul(scalars.step_size, m, neg_zero)) / denom)
+    p = rnd(p - update)
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+    return cast(p), cast(m), cast(v), cast(new_max)

@@ -33,7 +33,7 @@ OPTIONS = {
 # Contraction candidates run by default (all 18 are @slow): the likeliest, none, and mixed choices.
 SOME_CANDIDATES = [jax_impl.CudaRounding(), jax_impl.CudaRounding("none", "none", "none"),
                    jax_impl.CudaRounding("fma", "fma-second", "fma-second"),
-                   jax_impl.CudaRounding("none", "fma-first", "none")]
+                   jax_impl.CudaRounding(arithmetic="opmath")]
 
 
 def _bits(x) -> np.ndarray:
@@ -101,6 +101,26 @@ def test_contraction_candidates_float64(x64):
     _check_candidates(SOME_CANDIDATES, np.float64, 6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_opmath_kernel_generation(dtype):
+    """The newer kernel (float32 hyperparameters, explicit FMAs), each decay contraction, against the emulation."""
+    params, grads = _stream(DTYPES[dtype], 8, seed=9)
+    options = {"amsgrad": True, "weight_decay": 0.5, "lr": 0.1}
+    for decay in ("fma", "none"):
+        candidate = jax_impl.CudaRounding(decay, arithmetic="opmath")
+        _assert_bitwise(_run_jax(params, grads, candidate, **options),
+                        _run_numpy(params, grads, candidate, **options))
+
+
+def test_kernel_generations_differ_in_float32():
+    """float32 hyperparameters and FMAs change float32 results often: the GPU run tells the generations apart."""
+    params, grads = _stream(np.float32, 3, seed=10)
+    double, _ = _run_numpy(params, grads, jax_impl.CudaRounding())
+    opmath, _ = _run_numpy(params, grads, jax_impl.CudaRounding(arithmetic="opmath"))
+    differing = sum(int(np.sum(_bits(a) != _bits(b))) for a, b in zip(double, opmath))
+    assert differing > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_contraction_candidate(dtype):
@@ -129,7 +149,7 @@ def test_candidates_are_distinguishable_in_float64(x64):
         return b"".join(_bits(x).tobytes() for x in [*leaves, *state.exp_avg, *state.exp_avg_sq])
 
     prints = {c: fingerprint(r) for c, r in results.items()}
-    assert len(set(prints.values())) == len(prints)
+    assert len(prints) == 20 and len(set(prints.values())) == len(prints)
 
 
 def test_differs_from_torch_cpu_kernel_within_a_few_ulps():
