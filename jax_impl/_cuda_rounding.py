@@ -1,8 +1,23 @@
 """AdamW with the rounding of torch's fused CUDA kernel, in XLA (``jax_impl.adamw(..., rounding="torch-cuda")``).
 
 torch's fused CUDA AdamW (``FusedAdamMathFunctor`` / ``adam_math`` in
-``aten/src/ATen/native/cuda/fused_adam_utils.cuh``, the same in torch 2.11 and
-2.13) is not its CPU kernel.  Its hyperparameters arrive as C ``double``
+``aten/src/ATen/native/cuda/fused_adam_utils.cuh``, called from
+``fused_adamw_impl.cu``) is not its CPU kernel.  Two generations of it exist
+and the sources reachable here do not say which one a given release (2.11 on
+the GPU machine, 2.13 here) ships, so both are modelled and the GPU run picks:
+
+* ``arithmetic="double"`` (the default; the kernel of ``adam_math(...,
+  const double lr, ...)``): described below.
+* ``arithmetic="opmath"`` (pytorch/pytorch#154069 "force computation in
+  opmath_t" and #153782 "write lerp with fma"): lr, betas, weight decay and
+  eps are cast to ``opmath_t`` once; the bias corrections are
+  ``1 - pow_(opmath_t beta, opmath_t step)`` (CUDA's ``powf`` for float32, not
+  correctly rounded: the GPU run compares it with the host's); the moments are
+  ``fma(b1, m, fma(-b1, g, g))`` and ``fma(b2, v, fma(-b2, g*g, g*g))``;
+  everything else as below but in ``opmath_t`` (eps too).  Only the decay's
+  contraction is left to nvcc.
+
+In the double generation, the hyperparameters arrive as C ``double``
 (``lr``, ``beta1``, ``beta2``, ``weight_decay``, ``eps``), its arithmetic type
 ``opmath_t`` is ``float`` for float32/float16/bfloat16 params and ``double``
 for float64, and C++ promotion does the rest.  For float32 params, per element:
