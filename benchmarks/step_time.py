@@ -16,6 +16,11 @@ effective GB/s at 28 B/param, fraction of the measured bandwidth and the
 ratio to the fastest peer.  JAX steps are jitted with donated buffers and
 timed to ``block_until_ready``.  Also reported: optimizer-state bytes per
 parameter, and the compile time of the jitted step.
+
+With ``(device-to-device copy)`` among the implementations (the ``gpu`` command
+always adds it), a copy of the params' size runs in the same rounds and every
+row also gets ``fraction_of_copy_bandwidth``: 28 B/param over the copy's
+bandwidth, the HBM figure on a GPU.
 """
 
 from __future__ import annotations
