@@ -16,6 +16,11 @@ effective GB/s at 28 B/param, fraction of the measured bandwidth and the
 ratio to the fastest peer.  JAX steps are jitted with donated buffers and
 timed to ``block_until_ready``.  Also reported: optimizer-state bytes per
 parameter, and the compile time of the jitted step.
+
+With ``(device-to-device copy)`` among the implementations (the ``gpu`` command
+always adds it), a copy of the params' size runs in the same rounds and every
+row also gets ``fraction_of_copy_bandwidth``: 28 B/param over the copy's
+bandwidth, the HBM figure on a GPU.
 """
 
 from __future__ import annotations
@@ -106,9 +111,14 @@ def torch_bench(name: str, cls, path: str, shapes, dtype, device) -> Bench:
 
 
 def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, flat: bool = False) -> Bench:
-    rng = np.random.default_rng(0)
-    params = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
-    grads = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    if jax.default_backend() == "cpu":
+        rng = np.random.default_rng(0)
+        params = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+        grads = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    else:  # made on the device: 1e9 host normals would take longer than the benchmark
+        keys = jax.random.split(jax.random.key(0), 2 * len(shapes))
+        params = [jax.random.normal(k, s, dtype) for k, s in zip(keys[::2], shapes)]
+        grads = [jax.random.normal(k, s, dtype) for k, s in zip(keys[1::2], shapes)]
     if flat:
         # The parameters live in flat buffers (jax.grad of a loss of layout.unflatten(flat)
         # gives flat gradients); tx must be built with layout.adamw_options().
@@ -151,6 +161,14 @@ IMPLS: dict[str, Callable] = {
     "jax_impl.adamw (flat buffers)": lambda sh, dt, dev: jax_bench(
         "jax_impl.adamw (flat buffers)", lambda layout: jax_impl.adamw(**layout.adamw_options()), sh, dt, "exact",
         flat=True),
+    # Whose rounding the XLA path follows (the default, "auto", is torch-cuda on a GPU, torch-cpu elsewhere):
+    # the cost of the CUDA model's float64 arithmetic against plain float32.
+    "jax_impl.adamw[xla; torch-cuda rounding]": lambda sh, dt, dev: jax_bench(
+        "jax_impl.adamw[xla; torch-cuda rounding]", jax_impl.adamw(kernel="xla", rounding="torch-cuda"), sh, dt,
+        "exact"),
+    "jax_impl.adamw[xla; torch-cpu rounding]": lambda sh, dt, dev: jax_bench(
+        "jax_impl.adamw[xla; torch-cpu rounding]", jax_impl.adamw(kernel="xla", rounding="torch-cpu"), sh, dt,
+        "exact"),
     "jax_impl.adamw+apply_updates": lambda sh, dt, dev: jax_bench("jax_impl.adamw+apply_updates", jax_impl.adamw(),
                                                                   sh, dt, "updates"),
     "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", optax.adamw(1e-3, weight_decay=1e-2), sh, dt,
@@ -168,6 +186,27 @@ IMPLS: dict[str, Callable] = {
     "torch_impl.AdamW(for-loop)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(for-loop)", torch_impl.AdamW,
                                                                   "for-loop", sh, dt, dev),
 }
+
+
+COPY = "(device-to-device copy)"
+
+
+def copy_bench(shapes, dtype, device) -> Bench:
+    """A device-to-device copy of the params' size (reads and writes 2 x itemsize B/param): the HBM bandwidth."""
+    torch_dtype = getattr(torch, dtype)
+    n = int(sum(np.prod(s) for s in shapes))
+    source, target = torch.ones(n, dtype=torch_dtype, device=device), torch.empty(n, dtype=torch_dtype, device=device)
+
+    def step():
+        target.copy_(source)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    return Bench(COPY, step, lambda: 0)
+
+
+IMPLS[COPY] = copy_bench
 
 
 def bandwidth_kernel(n: int, dtype: str, device: str) -> tuple[Callable[[], None], int]:
@@ -206,7 +245,7 @@ def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int):
 
 
 def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dtype: str, repeats: int,
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, leaves: int = 300) -> list[dict]:
     torch_device = "cuda" if device == "gpu" else "cpu"
     rows = []
     cases = [(layout, n) for layout in layouts for n in sizes]
@@ -216,7 +255,7 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
 
         bar = tqdm(total=len(cases), desc="step_time", unit="case", file=sys.stderr)
     for layout, n in cases:
-        shapes = [(n,)] if layout == "one" else many_shapes(n)
+        shapes = [(n,)] if layout == "one" else many_shapes(n, leaves)
         numel = int(sum(np.prod(s) for s in shapes))
         benches = [IMPLS[i](shapes, dtype, torch_device) for i in impls]
         kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
@@ -226,6 +265,9 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
         medians = {name: statistics.median(t) for name, t in times.items()}
         peers = [v for k, v in medians.items() if not k.startswith(("jax_impl", "torch_impl", "("))]
         fastest_peer = min(peers or medians.values())
+        # With the copy in the rounds: the floor over the copy's bandwidth (the HBM figure on a GPU) too.
+        copy_bandwidth = (2 * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize * numel
+                          / medians[COPY]) if COPY in medians else None
         for b in benches:
             t = sorted(times[b.name])
             q1, q3 = t[len(t) // 4], t[(3 * len(t)) // 4]
@@ -236,7 +278,10 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
                 "fraction_of_bandwidth": floor / medians[b.name], "vs_fastest_peer": medians[b.name] / fastest_peer,
                 "floor_ms": 1e3 * floor, "bandwidth_gb_per_s": bandwidth / 1e9,
                 "state_bytes_per_param": b.state_bytes() / numel,
-                "compile_s": b.compile_seconds})
+                "compile_s": b.compile_seconds,
+                "copy_bandwidth_gb_per_s": None if copy_bandwidth is None else copy_bandwidth / 1e9,
+                "fraction_of_copy_bandwidth": None if copy_bandwidth is None else
+                BYTES_PER_PARAM[dtype] * numel / copy_bandwidth / medians[b.name]})
         if bar is not None:
             bar.update()
     if bar is not None:

@@ -197,10 +197,11 @@ def _parser() -> argparse.ArgumentParser:
                                      "optax schedule.")
     add_common(sch)
     sch.add_argument("--steps", type=int, default=10_000, help="update counts compared (at least 200)")
-    from crosscheck import port, recipes
+    from crosscheck import gpu, port, recipes
 
     add_common(port.add_parser(sub))
     add_common(recipes.add_parser(sub))
+    add_common(gpu.add_parser(sub))
     return parser
 
 
@@ -248,6 +249,10 @@ def _main(argv: Sequence[str] | None) -> int:
         print(schedules.markdown(rows))
         print(f"report: {out}/report.json, report.md, schedules.png")
         return 0 if passed else 1
+    if args.command == "gpu":
+        from crosscheck import gpu
+
+        return gpu.run(args)
     if args.command == "cifar10":
         from crosscheck.cifar_parity import Config, main_run
 

@@ -91,9 +91,10 @@ class Runner:
 class TorchRunner(Runner):
     """``torch.optim.AdamW`` or ``torch_impl.AdamW`` on one path (for-loop, foreach, fused)."""
 
-    def __init__(self, name, hyper, params, *, cls, path: str):
+    def __init__(self, name, hyper, params, *, cls, path: str, device: str = "cpu"):
         super().__init__(name, hyper)
-        self.tensors = [to_torch(p, hyper.dtype).requires_grad_(True) for p in params]
+        self.device = device
+        self.tensors = [to_torch(p, hyper.dtype).to(device).requires_grad_(True) for p in params]
         flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[path]
         common = dict(lr=hyper.lr, betas=(hyper.b1, hyper.b2), eps=hyper.eps, amsgrad=hyper.amsgrad,
                       maximize=hyper.maximize, **flags)
@@ -104,7 +105,7 @@ class TorchRunner(Runner):
 
     def step(self, grads):
         for tensor, g in zip(self.tensors, grads):
-            tensor.grad = to_torch(g, self.hyper.dtype)
+            tensor.grad = to_torch(g, self.hyper.dtype).to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.hyper.lr_at(self.count)
         self.optimizer.step()
@@ -148,7 +149,7 @@ def _jax_schedule(hyper: Hyper):
 class JaxRunner(Runner):
     """``jax_impl.adamw`` (exact step or ``optax.apply_updates``) or ``optax.adamw``, jitted and donated."""
 
-    def __init__(self, name, hyper, params, *, kind: str):
+    def __init__(self, name, hyper, params, *, kind: str, rounding="auto"):
         super().__init__(name, hyper)
         self.leaves = [to_jax(p, hyper.dtype) for p in params]
         mask = list(hyper.decay_mask) if hyper.decay_mask is not None else None
@@ -165,7 +166,7 @@ class JaxRunner(Runner):
         else:
             self.tx = jax_impl.adamw(_jax_schedule(hyper), hyper.b1, hyper.b2, hyper.eps, hyper.weight_decay,
                                      amsgrad=hyper.amsgrad, maximize=hyper.maximize, mask=mask,
-                                     decay_rounding=hyper.decay_rounding)
+                                     decay_rounding=hyper.decay_rounding, rounding=rounding)
         self.state = self.tx.init(self.leaves)
         if kind == "exact":
             step = lambda g, p, s: jax_impl.apply_exact(self.tx, g, s, p)  # noqa: E731

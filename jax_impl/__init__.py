@@ -1,12 +1,13 @@
 """AdamW for JAX with torch.optim.AdamW semantics and torch's CPU rounding."""
 
 from jax_impl import schedules
+from jax_impl._cuda_rounding import CudaRounding
 from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name
 from jax_impl.groups import add_param_group, param_groups
 
-__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "add_param_group", "apply_exact",
+__all__ = ["AdamWState", "CudaRounding", "ExactOptimizer", "FlatLayout", "adamw", "add_param_group", "apply_exact",
            "decay_mask_by_name", "param_groups", "schedules", "torch_cpu_vector_width"]
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from jax.experimental.shard_alike import shard_alike
 
+from jax_impl import _cuda_rounding
 from jax_impl import bias_correction as bc
 from jax_impl import cpu_kernel
 from jax_impl.schedules import TorchSchedule
@@ -597,8 +598,18 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
                 amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, mu_dtype=None,
-                nesterov=False):
+                nesterov=False, rounding="torch-cpu"):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
+    contraction = _cuda_rounding.resolve(rounding)
+    if contraction is not None and (nesterov or mu_dtype is not None):
+        if rounding != "auto":
+            raise ValueError(f"adamw: rounding={rounding!r} follows torch's CUDA kernel, which has no nesterov "
+                             "or mu_dtype; use rounding='torch-cpu' (or 'auto') with them")
+        contraction = None
+    if contraction is not None:  # torch's CUDA kernel's rounding: its own module
+        return _cuda_rounding.adamw_step(grads, state, params, contraction, learning_rate=learning_rate, b1=b1,
+                                         b2=b2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                         maximize=maximize, mask=mask, kernel=kernel)
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
@@ -695,6 +706,7 @@ def adamw(
     kernel: str = "auto",
     mu_dtype: Any | None = None,
     nesterov: bool = False,
+    rounding: str | _cuda_rounding.CudaRounding = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
 
@@ -755,6 +767,14 @@ def adamw(
         float32 (float64 for float64 params) either way.
       nesterov: optax's Nesterov momentum (``optax.adamw(nesterov=True)``);
         torch's AdamW has none, so this is not torch-exact.
+      rounding: whose rounding to reproduce: ``"torch-cpu"`` (torch's fused CPU
+        kernel, as above), ``"torch-cuda"`` (torch's fused CUDA kernel: moments
+        and decay in double, rounded once; ``jax_impl._cuda_rounding`` has the
+        model; computed with float64 scoped to the update, dtypes unchanged),
+        or ``"auto"`` (default): torch-cuda on a GPU backend, else torch-cpu.
+        A ``jax_impl.CudaRounding`` picks nvcc's FMA contractions explicitly.
+        ``nesterov`` and ``mu_dtype`` are optax's, with no CUDA-kernel twin:
+        ``"auto"`` then takes the CPU rounding.
 
     Hyperparameters may be arrays, as ``optax.inject_hyperparams`` passes
     them: concrete ones are validated and used as Python floats; traced ones
@@ -788,6 +808,7 @@ def adamw(
     _validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
+    _cuda_rounding.check_rounding(rounding)
     if torch_layout is not None:
         torch_layout = jax.tree.map(_validate_order, torch_layout)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -796,7 +817,7 @@ def adamw(
     options = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                    mu_dtype=mu_dtype, nesterov=bool(nesterov), amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
-                   kernel=kernel)
+                   kernel=kernel, rounding=rounding)
 
     def zeros_like(p, dtype=None):
         if isinstance(p, jax.ShapeDtypeStruct):  # as optax's init accepts it
