@@ -358,8 +358,14 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
-                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel):
-    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
+                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, delta=None):
+    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`.
+
+    With ``delta`` (``delta(new_param, param)``, the optax update of a leaf),
+    (updates, state) instead; the CPU kernel then writes float32 leaves'
+    updates itself, reading the params without overwriting them, so XLA copies
+    nothing to keep them for the caller.
+    """
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
@@ -397,9 +403,16 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
         leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
                   for i in indices]
         out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
-                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay, amsgrad=amsgrad)
+                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay,
+                              amsgrad=amsgrad, write_update=delta is not None)
         for i, leaf_out in zip(indices, out):
             results[i] = leaf_out
+    if delta is not None:
+        # The kernel's leaves hold their updates already (float32, as delta gives
+        # float32 params); the others get theirs here.
+        kernel_leaves = {i for indices in kernel_groups.values() for i in indices}
+        results = [r if i in kernel_leaves else (delta(r[0], param_leaves[i]), *r[1:])
+                   for i, r in enumerate(results)]
 
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
     new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
@@ -536,13 +549,12 @@ def adamw(
         return _adamw_step(grads, state, params, **options)
 
     def update_fn(updates, state, params=None):
-        new_params, new_state = step_fn(updates, state, params)
         def delta(new, old):
             dtype = _update_dtype(old.dtype)
             return new.astype(dtype) - old.astype(dtype)
 
-        deltas = jax.tree.map(delta, new_params, params)
-        return deltas, new_state
+        # The step computes each leaf's delta itself (the CPU kernel writes it directly).
+        return _adamw_step(updates, state, params, delta=delta, **options)
 
     update_fn.exact_step = step_fn
     return optax.GradientTransformation(init_fn, update_fn)
