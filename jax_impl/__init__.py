@@ -2,10 +2,11 @@
 
 from jax_impl import schedules
 from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
+from jax_impl.fast_loops import apply_gradients_exact
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name
 
-__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "apply_exact", "decay_mask_by_name", "schedules",
+__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "apply_exact", "apply_gradients_exact", "decay_mask_by_name", "schedules",
            "torch_cpu_vector_width"]
 
 
