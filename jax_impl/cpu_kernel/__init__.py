@@ -88,18 +88,17 @@ def step(leaves, scalars, tails, *, b1: float, b2: float, eps: float, maximize: 
     ``leaves``: (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None) per
     float32 leaf; ``tails``: per leaf, the flat positions of torch's scalar tail.
     ``write_update``: instead of the new param, its optax update ``p_new - p``
-    (float32, bitwise the XLA path's subtraction), written over the gradient:
-    the params are only read, so XLA need not copy them to keep the caller's,
-    and no buffer is allocated where the gradient is dead after the update (as
-    in a train step; a jit argument that is not donated is copied first).
+    (float32, bitwise the XLA path's subtraction) in a new buffer; the params
+    are only read, so XLA need not copy them to keep the caller's.
     """
     per_leaf = 5 if amsgrad else 4
     args, results, aliases = [scalars], [], {}
     for param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq in leaves:
         base = len(args)
         args += [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
-        for k, source in enumerate((1 if write_update else 0, 2, 3, 4)[:per_leaf - 1]):
-            aliases[base + source] = len(results) + k
+        for k, source in enumerate((0, 2, 3, 4)[:per_leaf - 1]):
+            if not (write_update and source == 0):
+                aliases[base + source] = len(results) + k
         results += [jax.ShapeDtypeStruct(param.shape, param.dtype)] * (per_leaf - 1)
     offsets = np.cumsum([0] + [len(t) for t in tails]).astype(np.int64)
     flat_tails = np.concatenate([np.asarray(t, np.int64) for t in tails]) if tails else np.zeros(0, np.int64)

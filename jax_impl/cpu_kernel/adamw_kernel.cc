@@ -3,9 +3,8 @@
 // It reads params, grads and both moments once and writes params and both
 // moments in place (28 bytes per parameter), where XLA:CPU's own fusions make
 // three passes.  With the attribute "write_update" it leaves the params alone
-// and writes the optax update p_new - p over the gradient instead (the same 28
-// bytes): the params are not copied to be overwritten, no new buffer is
-// allocated (a fresh one costs page faults on every step), and
+// and writes the optax update p_new - p into a buffer of its own instead (the
+// same 28 bytes): the params are not copied to be overwritten, and
 // optax.apply_updates adds the update back in one more pass.  Every operation is the one jax_impl's XLA path performs, in the
 // same order and with the same rounding (explicit std::fma where that path
 // fuses, nothing else contracted: built with -ffp-contract=off), so the two
@@ -77,8 +76,8 @@ inline void Element(float& p, float g, float& m, float& v, float* vmax, const Sc
   p = p + (s.step_size_neg * m) / denom;
 }
 
-// kUpdate: p_in is only read, and out holds the gradient and gets p_new - p
-// (g is not read); otherwise the new param goes to p_in itself (out is unused).
+// kUpdate: p_in is only read and out gets p_new - p; otherwise the new param
+// goes to p_in itself (out is unused).
 template <bool kTail, bool kAmsgrad, bool kUpdate, bool kMaximize, bool kDecay, bool kLerpSmall>
 void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict g, float* __restrict m,
           float* __restrict v, float* __restrict vmax, const Scalars s, const Options o, int64_t begin,
@@ -86,7 +85,7 @@ void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict
   for (int64_t i = begin; i < end; ++i) {
     if (kUpdate) {
       float p = p_in[i];
-      Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p, out[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr,
+      Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p, g[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr,
                                                                s, o);
       out[i] = p - p_in[i];  // jax_impl's XLA path: new.astype(f32) - old.astype(f32)
     } else {
@@ -117,7 +116,7 @@ void Range(float* p, float* out, const float* g, float* m, float* v, float* vmax
 
 struct Leaf {
   float* p;    // the params: updated in place, or (write_update) only read
-  float* out;  // write_update: the gradient, overwritten by the update p_new - p; else nullptr
+  float* out;  // write_update: the update p_new - p; else nullptr
   const float* g;
   float* m;
   float* v;
@@ -139,7 +138,7 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
     const Leaf& leaf = leaves[l];
     for (int64_t j = tail_offsets[l]; j < tail_offsets[l + 1]; ++j) {
       const int64_t i = tails[j];
-      saved[4 * j] = kUpdate ? leaf.out[i] : leaf.p[i], saved[4 * j + 1] = leaf.m[i], saved[4 * j + 2] = leaf.v[i];
+      saved[4 * j] = leaf.p[i], saved[4 * j + 1] = leaf.m[i], saved[4 * j + 2] = leaf.v[i];
       saved[4 * j + 3] = kAmsgrad ? leaf.x[i] : 0.0f;
     }
   }
@@ -184,24 +183,17 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
     const Leaf& leaf = shared->leaves[l];
     for (int64_t j = tail_offsets[l]; j < tail_offsets[l + 1]; ++j) {
       const int64_t i = tails[j];
+      if (!kUpdate) leaf.p[i] = saved[4 * j];
       leaf.m[i] = saved[4 * j + 1], leaf.v[i] = saved[4 * j + 2];
       if (kAmsgrad) leaf.x[i] = saved[4 * j + 3];
-      if (kUpdate) {
-        float update = saved[4 * j];  // the gradient, which the vector pass overwrote
-        Range<true, kAmsgrad, true>(leaf.p + i, &update, nullptr, leaf.m + i, leaf.v + i,
-                                    kAmsgrad ? leaf.x + i : nullptr, s, o, 0, 1);
-        leaf.out[i] = update;
-      } else {
-        leaf.p[i] = saved[4 * j];
-        Range<true, kAmsgrad, false>(leaf.p, nullptr, leaf.g, leaf.m, leaf.v, leaf.x, s, o, i, i + 1);
-      }
+      Range<true, kAmsgrad, kUpdate>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, i, i + 1);
     }
   }
 }
 
 // Arguments: scalars, then per leaf param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq];
-// results per leaf: param (write_update: the update, aliased to the grad), exp_avg, exp_avg_sq[,
-// max_exp_avg_sq], aliased to those inputs.
+// results per leaf: param (write_update: the update), exp_avg, exp_avg_sq[, max_exp_avg_sq],
+// aliased to those inputs (write_update: all but the update).
 ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, float weight, float b2, float coefficient2, float eps, bool maximize,
                      bool decay, bool amsgrad, bool write_update, ffi::Span<const int64_t> tail_offsets,
@@ -228,12 +220,12 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
       out[k] = (*buffer)->typed_data();
     }
     // Results alias the inputs (input_output_aliases); copy where XLA chose otherwise.
-    const size_t source[4] = {write_update ? size_t{1} : size_t{0}, 2, 3, 4};
-    for (size_t k = 0; k < out_per_leaf; ++k) {
+    const size_t source[4] = {0, 2, 3, 4};
+    for (size_t k = write_update ? 1 : 0; k < out_per_leaf; ++k) {
       if (out[k] != in[source[k]]) std::copy_n(in[source[k]], leaves[l].n, out[k]);
     }
     leaves[l].p = write_update ? in[0] : out[0], leaves[l].out = write_update ? out[0] : nullptr;
-    leaves[l].g = write_update ? nullptr : in[1], leaves[l].m = out[1], leaves[l].v = out[2];
+    leaves[l].g = in[1], leaves[l].m = out[1], leaves[l].v = out[2];
     leaves[l].x = amsgrad ? out[3] : nullptr;
   }
   const Options o = MakeOptions(weight, b2, coefficient2, eps, maximize, decay);
