@@ -5,7 +5,12 @@
 // three passes.  With the attribute "write_update" it leaves the params alone
 // and writes the optax update p_new - p into a buffer of its own instead (the
 // same 28 bytes): the params are not copied to be overwritten, and
-// optax.apply_updates adds the update back in one more pass.  Every operation is the one jax_impl's XLA path performs, in the
+// optax.apply_updates adds the update back in one more pass.  (Writing the
+// update over the gradient instead saves XLA's fresh buffer, which page-faults
+// on every step, where the gradient dies in the same program, but costs a copy
+// of the gradient where it is an argument of the jitted update: measured, the
+// standalone update went from 1.6x to 2.0x torch's step, so the update has its
+// own buffer.)  Every operation is the one jax_impl's XLA path performs, in the
 // same order and with the same rounding (explicit std::fma where that path
 // fuses, nothing else contracted: built with -ffp-contract=off), so the two
 // paths agree bit for bit, and both agree with torch's fused CPU kernel.
