@@ -6,8 +6,8 @@ from jax_impl.fast_loops import apply_gradients_exact
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name
 
-__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "apply_exact", "apply_gradients_exact", "decay_mask_by_name", "schedules",
-           "torch_cpu_vector_width"]
+__all__ = ["AdamWState", "ExactOptimizer", "FlatLayout", "adamw", "apply_exact", "apply_gradients_exact",
+           "decay_mask_by_name", "schedules", "torch_cpu_vector_width"]
 
 
 def __getattr__(name):
