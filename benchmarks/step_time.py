@@ -45,6 +45,8 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -57,6 +59,8 @@ import jax_impl  # noqa: E402
 import torch_impl  # noqa: E402
 
 BANDWIDTH = "(bandwidth kernel)"
+TORCH_FUSED = "torch.optim.AdamW(fused)"
+OURS = ("jax_impl", "torch_impl", "ExactOptimizer")
 BYTES_PER_PARAM = {"float32": 28, "bfloat16": 14, "float16": 14, "float64": 56}
 
 
@@ -81,6 +85,15 @@ def many_shapes(total: int, leaves: int = 300, seed: int = 0) -> list[tuple[int,
         else:
             shapes.append((2, int(size) // 2 or 1))
     return shapes
+
+
+def layer_shapes(total: int, layers: int = 16) -> list[tuple[int, ...]]:
+    """An MLP of ``layers`` square Linear layers (kernel and bias each) with about ``total`` parameters."""
+    width = max(1, round(np.sqrt(total / layers)))
+    return [shape for _ in range(layers) for shape in ((width, width), (width,))]
+
+
+LAYOUTS = {"one": lambda n: [(n,)], "many": many_shapes, "layers16": layer_shapes}
 
 
 @dataclass
@@ -152,6 +165,105 @@ def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, 
                  compile_seconds, steps_per_call)
 
 
+def _arrays(shapes, dtype, seed: int) -> list[jax.Array]:
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
+
+
+def nnx_bench(name: str, tx, shapes, dtype, optimizer_cls: str, loop: str) -> Bench:
+    """``optimizer.update(model, grads)`` of an nnx model whose params have ``shapes``.
+
+    ``loop``: "nnx.jit" (``@nnx.jit`` over the objects, no donation: the
+    object graph is traversed on every call), "split" (Flax's functional
+    pattern: ``nnx.split`` once, ``jax.jit`` of the pure state with
+    ``nnx.merge`` inside, donated) or "cached_partial" (``nnx.cached_partial``
+    of an ``nnx.jit`` function with the objects donated).
+    """
+    from flax import nnx
+
+    class Params(nnx.Module):
+        def __init__(self, arrays):
+            for i, array in enumerate(arrays):
+                setattr(self, f"p{i:03d}", nnx.Param(array))
+
+    model = Params(_arrays(shapes, dtype, 0))
+    grads = nnx.state(Params(_arrays(shapes, dtype, 1)), nnx.Param)
+    cls = jax_impl.ExactOptimizer if optimizer_cls == "exact" else nnx.Optimizer
+    optimizer = cls(model, tx, wrt=nnx.Param)
+
+    def update(model, optimizer, grads):
+        optimizer.update(model, grads)
+
+    if loop == "split":
+        graphdef, state = nnx.split((model, optimizer))
+
+        # The state comes back in the order it goes in: donated buffers pair with outputs in order.
+        @functools.partial(jax.jit, donate_argnums=0)
+        def pure_update(state, grads):
+            model, optimizer = nnx.merge(graphdef, state)
+            update(model, optimizer, grads)
+            return nnx.state((model, optimizer))
+
+        holder = {"state": state}
+        started = time.perf_counter()
+        pure_update.lower(state, grads).compile()
+        compile_seconds = time.perf_counter() - started
+
+        def step():
+            holder["state"] = pure_update(holder["state"], grads)
+            jax.block_until_ready(holder["state"])
+
+        state_bytes = lambda: sum(x.nbytes for x in jax.tree.leaves(holder["state"]) if x.ndim) \
+            - sum(int(np.prod(s)) for s in shapes) * jnp.dtype(dtype).itemsize  # noqa: E731
+    else:
+        if loop == "cached_partial":
+            with nnx.set_graph_mode(True), nnx.set_graph_updates(True):
+                jitted = nnx.jit(update, donate_argnums=(0, 1), graph=True, graph_updates=True)
+                call = nnx.cached_partial(jitted, model, optimizer)
+        else:
+            jitted = nnx.jit(update)
+            call = functools.partial(jitted, model, optimizer)
+        compile_seconds = None
+
+        def step():
+            call(grads)
+            jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+
+        state_bytes = lambda: sum(x.nbytes for x in jax.tree.leaves(nnx.state(optimizer.opt_state))  # noqa: E731
+                                  if x.ndim)
+    step()
+    return Bench(name, step, state_bytes, compile_seconds)
+
+
+def train_state_bench(name: str, tx, shapes, dtype, exact: bool) -> Bench:
+    """linen's ``TrainState.apply_gradients`` (or :func:`jax_impl.apply_gradients_exact`), jitted, state donated."""
+    from flax.training.train_state import TrainState
+
+    params = {f"p{i:03d}": a for i, a in enumerate(_arrays(shapes, dtype, 0))}
+    grads = {f"p{i:03d}": a for i, a in enumerate(_arrays(shapes, dtype, 1))}
+    holder = {"state": TrainState.create(apply_fn=None, params=params, tx=tx)}
+    if exact:
+        fn = lambda state, grads: jax_impl.apply_gradients_exact(state, grads=grads)  # noqa: E731
+    else:
+        fn = lambda state, grads: state.apply_gradients(grads=grads)  # noqa: E731
+    jitted = jax.jit(fn, donate_argnums=0)
+    started = time.perf_counter()
+    jitted.lower(holder["state"], grads).compile()
+    compile_seconds = time.perf_counter() - started
+
+    def step():
+        holder["state"] = jitted(holder["state"], grads)
+        jax.block_until_ready(holder["state"].params)
+
+    step()
+    return Bench(name, step, lambda: sum(x.nbytes for x in jax.tree.leaves(holder["state"].opt_state) if x.ndim),
+                 compile_seconds)
+
+
+def _optax_adamw():
+    return optax.adamw(1e-3, weight_decay=1e-2)
+
+
 IMPLS: dict[str, Callable] = {
     "jax_impl.adamw": lambda sh, dt, dev: jax_bench("jax_impl.adamw", jax_impl.adamw(), sh, dt, "exact"),
     "jax_impl.adamw[xla]": lambda sh, dt, dev: jax_bench("jax_impl.adamw[xla]", jax_impl.adamw(kernel="xla"), sh,
@@ -171,8 +283,23 @@ IMPLS: dict[str, Callable] = {
         "exact"),
     "jax_impl.adamw+apply_updates": lambda sh, dt, dev: jax_bench("jax_impl.adamw+apply_updates", jax_impl.adamw(),
                                                                   sh, dt, "updates"),
-    "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", optax.adamw(1e-3, weight_decay=1e-2), sh, dt,
-                                                 "updates"),
+    "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", _optax_adamw(), sh, dt, "updates"),
+    "nnx.Optimizer(jax_impl.adamw) [nnx.jit]": lambda sh, dt, dev: nnx_bench(
+        "nnx.Optimizer(jax_impl.adamw) [nnx.jit]", jax_impl.adamw(), sh, dt, "nnx", "nnx.jit"),
+    "nnx.Optimizer(jax_impl.adamw) [split]": lambda sh, dt, dev: nnx_bench(
+        "nnx.Optimizer(jax_impl.adamw) [split]", jax_impl.adamw(), sh, dt, "nnx", "split"),
+    "nnx.Optimizer(optax.adamw) [split]": lambda sh, dt, dev: nnx_bench(
+        "nnx.Optimizer(optax.adamw) [split]", _optax_adamw(), sh, dt, "nnx", "split"),
+    "ExactOptimizer [split]": lambda sh, dt, dev: nnx_bench(
+        "ExactOptimizer [split]", jax_impl.adamw(), sh, dt, "exact", "split"),
+    "ExactOptimizer [cached_partial]": lambda sh, dt, dev: nnx_bench(
+        "ExactOptimizer [cached_partial]", jax_impl.adamw(), sh, dt, "exact", "cached_partial"),
+    "TrainState.apply_gradients(jax_impl.adamw)": lambda sh, dt, dev: train_state_bench(
+        "TrainState.apply_gradients(jax_impl.adamw)", jax_impl.adamw(), sh, dt, False),
+    "TrainState.apply_gradients(optax.adamw)": lambda sh, dt, dev: train_state_bench(
+        "TrainState.apply_gradients(optax.adamw)", _optax_adamw(), sh, dt, False),
+    "jax_impl.apply_gradients_exact(TrainState)": lambda sh, dt, dev: train_state_bench(
+        "jax_impl.apply_gradients_exact(TrainState)", jax_impl.adamw(), sh, dt, True),
     "torch.optim.AdamW(fused)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(fused)", torch.optim.AdamW,
                                                                 "fused", sh, dt, dev),
     "torch.optim.AdamW(foreach)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(foreach)", torch.optim.AdamW,
@@ -255,7 +382,7 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
 
         bar = tqdm(total=len(cases), desc="step_time", unit="case", file=sys.stderr)
     for layout, n in cases:
-        shapes = [(n,)] if layout == "one" else many_shapes(n, leaves)
+        shapes = many_shapes(n, leaves) if layout == "many" else LAYOUTS[layout](n)
         numel = int(sum(np.prod(s) for s in shapes))
         benches = [IMPLS[i](shapes, dtype, torch_device) for i in impls]
         kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
@@ -263,11 +390,13 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
         bandwidth = kernel_bytes / statistics.median(stream)
         floor = BYTES_PER_PARAM[dtype] * numel / bandwidth
         medians = {name: statistics.median(t) for name, t in times.items()}
-        peers = [v for k, v in medians.items() if not k.startswith(("jax_impl", "torch_impl", "("))]
+        # Peers: the other libraries' rows (torch.optim, optax, through any Flax container).
+        peers = [v for k, v in medians.items() if not any(ours in k for ours in OURS)]
         fastest_peer = min(peers or medians.values())
         # With the copy in the rounds: the floor over the copy's bandwidth (the HBM figure on a GPU) too.
         copy_bandwidth = (2 * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize * numel
                           / medians[COPY]) if COPY in medians else None
+        torch_fused = medians.get(TORCH_FUSED)
         for b in benches:
             t = sorted(times[b.name])
             q1, q3 = t[len(t) // 4], t[(3 * len(t)) // 4]
@@ -276,6 +405,7 @@ def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dty
                 "ms": 1e3 * medians[b.name], "iqr_ms": 1e3 * (q3 - q1),
                 "gb_per_s": BYTES_PER_PARAM[dtype] * numel / medians[b.name] / 1e9,
                 "fraction_of_bandwidth": floor / medians[b.name], "vs_fastest_peer": medians[b.name] / fastest_peer,
+                "vs_torch_fused": None if torch_fused is None else medians[b.name] / torch_fused,
                 "floor_ms": 1e3 * floor, "bandwidth_gb_per_s": bandwidth / 1e9,
                 "state_bytes_per_param": b.state_bytes() / numel,
                 "compile_s": b.compile_seconds,
@@ -294,17 +424,32 @@ def markdown(rows: list[dict], device: str, dtype: str) -> str:
              f"{torch.__version__}, jax {jax.__version__}); median of interleaved rounds; GOMP_SPINCOUNT="
              f"{os.environ.get('GOMP_SPINCOUNT')}; floor = "
              f"{BYTES_PER_PARAM[dtype]} B/param over the bandwidth measured in the same rounds.", "",
-             "| layout | params | implementation | ms/step (IQR) | GB/s | of bandwidth floor | vs fastest peer | "
-             "state B/param | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| layout | params | implementation | ms/step (IQR) | GB/s | of bandwidth floor | vs torch fused | "
+             "vs fastest peer | state B/param | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        vs_torch = "-" if r["vs_torch_fused"] is None else f"{r['vs_torch_fused']:.2f}x"
         lines.append(f"| {r['layout']} ({r['leaves']} leaves) | {r['params']:.2g} | {r['implementation']} | "
                      f"{r['ms']:.3f} ({r['iqr_ms']:.3f}) | {r['gb_per_s']:.1f} | {100 * r['fraction_of_bandwidth']:.0f}% | "
-                     f"{r['vs_fastest_peer']:.2f}x | {r['state_bytes_per_param']:.0f} | {compile_s} |")
+                     f"{vs_torch} | {r['vs_fastest_peer']:.2f}x | {r['state_bytes_per_param']:.0f} | {compile_s} |")
     floors = sorted({(r["layout"], r["params"], r["floor_ms"], r["bandwidth_gb_per_s"]) for r in rows})
     lines += ["", "| layout | params | measured bandwidth GB/s | floor ms |", "|---|---|---|---|"]
     lines += [f"| {layout} | {n:.2g} | {bw:.1f} | {floor:.3f} |" for layout, n, floor, bw in floors]
     return "\n".join(lines) + "\n"
+
+
+def series_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct (colour, marker, line style) per series: colours from tab20, markers and dashes cycled apart."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vP*Xh<>p"
+    dashes = ["-", "--", "-.", ":"]
+    # Every series differs from every other in colour (up to 20 series), and
+    # consecutive ones also in marker and line style, so no two are alike in print either.
+    return {name: dict(color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], marker=markers[i % len(markers)],
+                       linestyle=dashes[i % len(dashes)])
+            for i, name in enumerate(names)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -313,17 +458,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layouts = sorted({r["layout"] for r in rows})
-    fig, axes = plt.subplots(1, len(layouts), figsize=(7 * len(layouts), 5), squeeze=False)
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    styles = series_styles(list(dict.fromkeys(r["implementation"] for r in rows)))
+    fig, axes = plt.subplots(1, len(layouts), figsize=(8 * len(layouts), 6), squeeze=False)
     for ax, layout in zip(axes[0], layouts):
         sub = [r for r in rows if r["layout"] == layout]
         for name in dict.fromkeys(r["implementation"] for r in sub):
             points = sorted((r["params"], r["ms"]) for r in sub if r["implementation"] == name)
-            ax.plot(*zip(*points), marker="o", label=name, lw=1)
+            ax.plot(*zip(*points), label=name, lw=1, markersize=5, **styles[name])
         floor = sorted({(r["params"], r["floor_ms"]) for r in sub})
-        ax.plot(*zip(*floor), "k--", label="bandwidth floor (28 B/param)", lw=1.5)
+        # A wide bar marker, so that the floor shows when only one size was measured.
+        ax.plot(*zip(*floor), color="k", linestyle="--", marker="_", markersize=24, markeredgewidth=2,
+                label="bandwidth floor (28 B/param)", lw=1.5)
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="ms / step", title=f"layout: {layout}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -333,7 +481,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated parameter counts")
-    parser.add_argument("--layouts", default="one,many")
+    parser.add_argument("--layouts", default="one,many",
+                        help="comma-separated: one (1 tensor), many (300 mixed leaves), layers16 (16 Linear layers)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
     parser.add_argument("--dtype", default="float32", choices=list(BYTES_PER_PARAM))
     parser.add_argument("--repeats", type=int, default=15)
@@ -349,8 +498,8 @@ def main(argv=None) -> int:
     layouts = [x for x in args.layouts.split(",") if x]
     if unknown:
         parser.error(f"unknown --impls {unknown}; choose from {list(IMPLS)}")
-    if any(x not in ("one", "many") for x in layouts):
-        parser.error(f"--layouts takes one and many, got {args.layouts!r}")
+    if not layouts or any(x not in LAYOUTS for x in layouts):
+        parser.error(f"--layouts takes {', '.join(LAYOUTS)}, got {args.layouts!r}")
     if any(n < 1 for n in sizes) or args.repeats < 3:
         parser.error("--sizes must be >= 1 and --repeats >= 3")
     if args.device == "gpu" and not torch.cuda.is_available():

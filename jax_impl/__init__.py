@@ -3,12 +3,13 @@
 from jax_impl import schedules
 from jax_impl._cuda_rounding import CudaRounding
 from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
+from jax_impl.fast_loops import apply_gradients_exact
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name
 from jax_impl.groups import add_param_group, param_groups
 
 __all__ = ["AdamWState", "CudaRounding", "ExactOptimizer", "FlatLayout", "adamw", "add_param_group", "apply_exact",
-           "decay_mask_by_name", "param_groups", "schedules", "torch_cpu_vector_width"]
+           "apply_gradients_exact", "decay_mask_by_name", "param_groups", "schedules", "torch_cpu_vector_width"]
 
 
 def __getattr__(name):

@@ -208,7 +208,12 @@ def _check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: boo
                                 f"expected {expected}")
 
 
-def _conventions_step(grads, state: AdamWState, params, **options):
+def _with_delta(delta, new_params, params):
+    """``new_params``, or the optax updates ``delta(new, old)`` leaf by leaf when a ``delta`` is given."""
+    return new_params if delta is None else jax.tree.map(delta, new_params, params)
+
+
+def _conventions_step(grads, state: AdamWState, params, delta=None, **options):
     """:func:`_adamw_step` behind optax's conventions: grads cast to the params' dtypes, the state checked, an
     empty tree, complex params as torch treats them (``torch.view_as_real``: each real and imaginary part is a
     parameter of its own)."""
@@ -222,7 +227,7 @@ def _conventions_step(grads, state: AdamWState, params, **options):
     mu_dtype = options["mu_dtype"]
     complex_mu = mu_dtype is not None and jnp.issubdtype(mu_dtype, jnp.complexfloating)
     if not complex_mu and not any(_is_complex(p) for p in jax.tree.leaves(params)):
-        return _adamw_step(grads, state, params, **options)
+        return _adamw_step(grads, state, params, delta=delta, **options)
     # The mask is resolved on the complex params (a callable may look at their ndim).
     mask = options["mask"]
     options = dict(options, mask=mask(params) if callable(mask) else mask,
@@ -240,7 +245,8 @@ def _conventions_step(grads, state: AdamWState, params, **options):
                                         **options)
     new_moments = [None if old is None else jax.tree.map(back, new, old, params)
                    for new, old in zip(new_state[1:], moments)]
-    return jax.tree.map(back, new_params, params, params), AdamWState(new_state.count, *new_moments)
+    new_params = jax.tree.map(back, new_params, params, params)
+    return _with_delta(delta, new_params, params), AdamWState(new_state.count, *new_moments)
 
 
 def _check_grads(grads: optax.Updates, params: optax.Params) -> None:
@@ -598,8 +604,14 @@ def _resolve_layout(torch_layout, params: optax.Params) -> list[np.ndarray | Non
 
 def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
                 amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, mu_dtype=None,
-                nesterov=False, rounding="torch-cpu"):
-    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`."""
+                nesterov=False, rounding="torch-cpu", delta=None):
+    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`.
+
+    With ``delta`` (``delta(new_param, param)``, the optax update of a leaf),
+    (updates, state) instead; the CPU kernel then writes float32 leaves'
+    updates itself, reading the params without overwriting them, so XLA copies
+    nothing to keep them for the caller.
+    """
     contraction = _cuda_rounding.resolve(rounding)
     if contraction is not None and (nesterov or mu_dtype is not None):
         if rounding != "auto":
@@ -607,15 +619,13 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
                              "or mu_dtype; use rounding='torch-cpu' (or 'auto') with them")
         contraction = None
     if contraction is not None:  # torch's CUDA kernel's rounding: its own module
-        return _cuda_rounding.adamw_step(grads, state, params, contraction, learning_rate=learning_rate, b1=b1,
-                                         b2=b2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                         maximize=maximize, mask=mask, kernel=kernel)
+        new_params, new_state = _cuda_rounding.adamw_step(
+            grads, state, params, contraction, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask, kernel=kernel)
+        return _with_delta(delta, new_params, params), new_state
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     _check_grads(grads, params)
-    # Mixed precision: narrower gradients (bfloat16 for float32 master weights) are cast up, exactly.
-    grads = jax.tree.map(lambda g, p: g if jnp.result_type(g) == jnp.result_type(p) else g.astype(p.dtype),
-                         grads, params)
     decay_flags = _resolve_mask(mask, params)
     tails = _resolve_tails(torch_layout, scalar_tail, params)
     # The kernel takes b1, b2 and eps as compile-time attributes: injected
@@ -655,9 +665,16 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
         leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
                   for i in indices]
         out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
-                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay, amsgrad=amsgrad)
+                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay,
+                              amsgrad=amsgrad, write_update=delta is not None)
         for i, leaf_out in zip(indices, out):
             results[i] = leaf_out
+    if delta is not None:
+        # The kernel's leaves hold their updates already (float32, as delta gives
+        # float32 params); the others get theirs here.
+        kernel_leaves = {i for indices in kernel_groups.values() for i in indices}
+        results = [r if i in kernel_leaves else (delta(r[0], param_leaves[i]), *r[1:])
+                   for i, r in enumerate(results)]
 
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
     new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
@@ -839,13 +856,12 @@ def adamw(
         del extra_args  # optax.GradientTransformationExtraArgs: extra arguments are for other transformations
         for record in _exact_recorders:
             record(options, params)
-        new_params, new_state = step_fn(updates, state, params)
         def delta(new, old):
             dtype = _update_dtype(old.dtype)
             return new.astype(dtype) - old.astype(dtype)
 
-        deltas = jax.tree.map(delta, new_params, params)
-        return deltas, new_state
+        # The step computes each leaf's delta itself (the CPU kernel writes it directly).
+        return _conventions_step(updates, state, params, delta=delta, **options)
 
     update_fn.exact_step = step_fn
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jax_impl
@@ -14,13 +15,18 @@ from helpers import OPTIONS, SHAPES
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel could not be built here")
 
 
-def _run(kernel: str, option: dict, grads, params, layout=None):
+def _adamw(kernel: str, option: dict, layout=None):
     option = dict(option)
     mask = option.pop("decay_mask", None)
     lr = option.pop("lr", 1e-3)
     tx = jax_impl.adamw(lr, b1=option.pop("b1", 0.9), b2=option.pop("b2", 0.999), eps=option.pop("eps", 1e-8),
                         weight_decay=option.pop("weight_decay", 1e-2), mask=list(mask) if mask else None,
                         kernel=kernel, torch_layout=layout, **option)
+    return tx
+
+
+def _run(kernel: str, option: dict, grads, params, layout=None):
+    tx = _adamw(kernel, option, layout)
     step = jax.jit(lambda g, p, s: jax_impl.apply_exact(tx, g, s, p), donate_argnums=(1, 2))
     leaves = [jnp.asarray(p) for p in params]
     state = tx.init(leaves)
@@ -75,3 +81,66 @@ def test_auto_uses_the_kernel_on_one_cpu_device():
     assert text.count("jax_impl_adamw") == 1  # the float32 leaf; bfloat16 stays on the XLA path
     with pytest.raises(ValueError, match="Invalid kernel: 'gpu'"):
         jax_impl.adamw(kernel="gpu")
+
+
+def _run_updates(kernel: str, option: dict, grads, params, layout=None):
+    """The optax path: every step's updates (and the final state), params advanced by optax.apply_updates."""
+    tx = _adamw(kernel, option, layout)
+
+    @jax.jit
+    def step(g, p, s):
+        updates, s = tx.update(g, s, p)
+        return updates, optax.apply_updates(p, updates), s
+
+    leaves = [jnp.asarray(p) for p in params]
+    state = tx.init(leaves)
+    all_updates = []
+    for g in grads:
+        updates, leaves, state = step([jnp.asarray(x) for x in g], leaves, state)
+        all_updates.append(updates)
+    return jax.tree.map(np.asarray, (all_updates, leaves, state))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
+def test_kernel_updates_equal_xla_path(option):
+    """The kernel's write_update variant: the update p_new - p it writes is the XLA path's, bit for bit."""
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [[(rng.standard_normal(s) * 10.0 ** rng.uniform(-6, 2, s)).astype(np.float32) for s in SHAPES]
+             for _ in range(30)]
+    grads[7][5][3] = np.nan
+    grads[9][6][0] = np.inf
+    assert _same_bits(_run_updates("cpu", OPTIONS[option], grads, params),
+                      _run_updates("xla", OPTIONS[option], grads, params))
+
+
+def test_kernel_updates_with_torch_layout_and_large_leaves():
+    rng = np.random.default_rng(3)
+    shapes = [(36, 3), (3, 3, 3, 5), ((1 << 18) + 5,)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    layout = [np.arange(108).reshape(3, 36).T, np.transpose(np.arange(135).reshape(5, 3, 3, 3), (2, 3, 1, 0)), None]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(10)]
+    for option in ({}, {"amsgrad": True, "maximize": True}):
+        assert _same_bits(_run_updates("cpu", option, grads, params, layout),
+                          _run_updates("xla", option, grads, params, layout))
+
+
+def test_update_reads_params_without_copying_them():
+    """The optax path under jit: no copy of params or moments, no subtraction outside the kernel."""
+    tx = jax_impl.adamw()
+    params = [jnp.ones(1000), jnp.ones((30, 40))]
+    state = tx.init(params)
+
+    def train_step(x, p, s):
+        grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(w * x)) for w in p))(p)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s
+
+    # Donated buffers pair with outputs of their shape in order: (state, updates)
+    # for the update alone, the state donated; (params, state) for the train step.
+    for fn, args, donate in ((lambda g, p, s: tx.update(g, s, p)[::-1], (params, params, state), 2),
+                             (train_step, (jnp.float32(0.5), params, state), (1, 2))):
+        hlo = jax.jit(fn, donate_argnums=donate).lower(*args).compile().as_text()
+        entry = hlo[hlo.index("\nENTRY"):]  # a fused computation may end in a copy that is no pass of its own
+        assert hlo.count("jax_impl_adamw") == 1
+        assert " copy(" not in entry and "subtract" not in hlo, entry

@@ -81,11 +81,15 @@ def available() -> bool:
     return True
 
 
-def step(leaves, scalars, tails, *, b1: float, b2: float, eps: float, maximize: bool, decay: bool, amsgrad: bool):
+def step(leaves, scalars, tails, *, b1: float, b2: float, eps: float, maximize: bool, decay: bool, amsgrad: bool,
+         write_update: bool = False):
     """New (param, exp_avg, exp_avg_sq, max_exp_avg_sq) for each leaf, in one call, in place of the inputs.
 
     ``leaves``: (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None) per
     float32 leaf; ``tails``: per leaf, the flat positions of torch's scalar tail.
+    ``write_update``: instead of the new param, its optax update ``p_new - p``
+    (float32, bitwise the XLA path's subtraction) in a new buffer; the params
+    are only read, so XLA need not copy them to keep the caller's.
     """
     per_leaf = 5 if amsgrad else 4
     args, results, aliases = [scalars], [], {}
@@ -93,13 +97,14 @@ def step(leaves, scalars, tails, *, b1: float, b2: float, eps: float, maximize: 
         base = len(args)
         args += [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
         for k, source in enumerate((0, 2, 3, 4)[:per_leaf - 1]):
-            aliases[base + source] = len(results) + k
+            if not (write_update and source == 0):
+                aliases[base + source] = len(results) + k
         results += [jax.ShapeDtypeStruct(param.shape, param.dtype)] * (per_leaf - 1)
     offsets = np.cumsum([0] + [len(t) for t in tails]).astype(np.int64)
     flat_tails = np.concatenate([np.asarray(t, np.int64) for t in tails]) if tails else np.zeros(0, np.int64)
     call = jax.ffi.ffi_call("jax_impl_adamw", results, input_output_aliases=aliases)
     out = call(*args, weight=np.float32(1 - b1), b2=np.float32(b2), coefficient2=np.float32(1 - b2),
                eps=np.float32(eps), maximize=bool(maximize), decay=bool(decay), amsgrad=bool(amsgrad),
-               tail_offsets=offsets, tails=flat_tails)
+               write_update=bool(write_update), tail_offsets=offsets, tails=flat_tails)
     k = per_leaf - 1
     return [tuple(out[i * k:(i + 1) * k]) + ((None,) if not amsgrad else ()) for i in range(len(leaves))]
