@@ -22,6 +22,10 @@ from torch.testing._internal.common_optimizers import (
 
 import torch_impl
 
+# A differentiable step runs on non-leaf params (torch's own tests do the same); reading their
+# .grad warns, in torch.optim.AdamW as in ours.
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+
 ADAMW_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.AdamW)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
