@@ -11,6 +11,10 @@ import torch
 
 import torch_impl
 
+# A differentiable step runs on non-leaf params (torch's own tests do the same); reading their
+# .grad warns, in torch.optim.AdamW as in ours.
+pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+
 PATHS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 CLASSES = {"torch": torch.optim.AdamW, "ours": torch_impl.AdamW}
 
