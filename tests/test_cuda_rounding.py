@@ -59,12 +59,21 @@ def _run_jax(params, grads, rounding, lr=1e-3, **options):
     return leaves, state
 
 
+_xla_pow = jax.jit(lambda b, t: jnp.power(b, t))
+
+
+def _device_pow(beta, step):
+    """The backend's float32 pow, as CudaRounding(pow="device") uses it in the graph."""
+    return np.asarray(_xla_pow(jnp.float32(beta), jnp.float32(step)))
+
+
 def _run_numpy(params, grads, contraction, lr=1e-3, mask=None, **options):
     state = reference.torch_cuda_init(params, options.get("amsgrad", False))
     leaves = list(params)
+    float_pow = _device_pow if getattr(contraction, "pow", "host") == "device" else None
     for g in grads:
         leaves, state = reference.torch_cuda_step(leaves, g, state, lr=lr, decay_mask=mask,
-                                                  contraction=tuple(contraction), **options)
+                                                  contraction=tuple(contraction), float_pow=float_pow, **options)
     return leaves, state
 
 
@@ -116,12 +125,7 @@ def test_opmath_pow_on_device():
     """pow="device": the bias corrections come from the backend's float32 pow (here XLA:CPU's), all else equal."""
     params, grads = _stream(np.float32, 6, seed=11)
     candidate = jax_impl.CudaRounding(arithmetic="opmath", pow="device")
-    xla_pow = jax.jit(lambda b, t: jnp.power(b, t))
-    state, expected = reference.torch_cuda_init(params), list(params)
-    for g in grads:
-        expected, state = reference.torch_cuda_step(
-            expected, g, state, lr=1e-3, contraction=tuple(candidate),
-            float_pow=lambda b, t: np.asarray(xla_pow(jnp.float32(b), jnp.float32(t))))
+    expected, _ = _run_numpy(params, grads, candidate)
     ours, _ = _run_jax(params, grads, candidate)
     for a, b in zip(ours, expected):
         assert np.array_equal(_bits(a), _bits(b))
