@@ -117,7 +117,7 @@ def _exact_fma32(a, b, c) -> np.ndarray:
 
 
 def _torch_cuda_opmath_step(params, grads, state, *, lr, b1, b2, eps, weight_decay, amsgrad, maximize, decay_mask,
-                            decay_fma):
+                            decay_fma, float_pow=None):
     """The kernel after pytorch/pytorch#154069 and #153782: opmath_t arithmetic, explicit FMAs."""
     t = state.step + 1
     new_params, new_m, new_v, new_max = [], [], [], []
@@ -129,6 +129,8 @@ def _torch_cuda_opmath_step(params, grads, state, *, lr, b1, b2, eps, weight_dec
         lr_o, b1_o, b2_o, wd_o, eps_o = (opmath(x) for x in (lr, b1, b2, weight_decay, eps))
         # pow in opmath_t; the host's powf stands in for the device's (the GPU run compares the two).
         power = (lambda b: opmath(math.pow(float(b), float(step))))  # noqa: E731
+        if float_pow is not None and opmath == np.float32:
+            power = (lambda b: np.float32(float_pow(b, step)))  # noqa: E731
         bias_correction1 = opmath(opmath(1) - power(b1_o))
         bias_correction2_sqrt = opmath(np.sqrt(opmath(opmath(1) - power(b2_o))))
         step_size = opmath(lr_o / bias_correction1)
@@ -170,19 +172,21 @@ def torch_cuda_step(
     maximize: bool = False,
     decay_mask: Sequence[bool] | None = None,
     contraction: tuple[str, str, str] = ("fma", "fma-first", "fma-first"),
+    float_pow=None,
 ) -> tuple[list[np.ndarray], ReferenceState]:
     """One step of ``torch.optim.AdamW(fused=True)`` on CUDA, with its roundings; arrays keep the params' dtype.
 
     ``contraction`` is (decay, exp_avg, exp_avg_sq[, arithmetic]): which
     products nvcc fused into FMAs and which kernel generation
-    (``jax_impl.CudaRounding``'s fields).  ``state`` holds the
+    (``jax_impl.CudaRounding``'s fields).  ``float_pow(beta, step)``: the
+    float32 pow of the opmath generation (default: the host's, via double).  ``state`` holds the
     moments in the params' dtype; ``state.step`` counts steps.
     """
     decay_fma, exp_avg_fma, exp_avg_sq_fma = contraction[:3]
     if len(contraction) > 3 and contraction[3] == "opmath":
         return _torch_cuda_opmath_step(params, grads, state, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                                        amsgrad=amsgrad, maximize=maximize, decay_mask=decay_mask,
-                                       decay_fma=decay_fma)
+                                       decay_fma=decay_fma, float_pow=float_pow)
     t = state.step + 1
     step = float(np.float32(t))  # torch's step is a float32 tensor
     new_params, new_m, new_v, new_max = [], [], [], []

@@ -84,6 +84,7 @@ ROUNDINGS = ("auto", "torch-cpu", "torch-cuda")
 DECAY_CONTRACTIONS = ("fma", "none")
 MOMENT_CONTRACTIONS = ("fma-first", "fma-second", "none")
 ARITHMETICS = ("double", "opmath")
+POWS = ("host", "device")
 
 
 class CudaRounding(NamedTuple):
@@ -95,10 +96,13 @@ class CudaRounding(NamedTuple):
     # "double": hyperparameters as double (the kernel the issue describes); "opmath": everything in opmath_t
     # with explicit std::fma lerps (pytorch/pytorch#154069 and #153782; exp_avg/exp_avg_sq then do not apply).
     arithmetic: str = "double"
+    # opmath generation, float32: bias corrections from the host's powf tables ("host") or from the backend's
+    # own float32 pow in the graph ("device": on a GPU, XLA's pow is libdevice's powf, as torch's kernel's is).
+    pow: str = "host"
 
     def label(self) -> str:
         if self.arithmetic == "opmath":
-            return f"opmath,decay={self.decay}"
+            return f"opmath,decay={self.decay},pow={self.pow}"
         return f"decay={self.decay},exp_avg={self.exp_avg},exp_avg_sq={self.exp_avg_sq}"
 
 
@@ -106,14 +110,15 @@ def candidates() -> list[CudaRounding]:
     """Every kernel generation and contraction choice: 2 * 3 * 3 double-arithmetic ones, 2 opmath ones."""
     double = [CudaRounding(*c) for c in itertools.product(DECAY_CONTRACTIONS, MOMENT_CONTRACTIONS,
                                                            MOMENT_CONTRACTIONS)]
-    return double + [CudaRounding(decay=d, arithmetic="opmath") for d in DECAY_CONTRACTIONS]
+    return double + [CudaRounding(decay=d, arithmetic="opmath", pow=p) for d in DECAY_CONTRACTIONS
+                     for p in POWS]
 
 
 def check_rounding(rounding) -> None:
     """Raise ValueError naming ``rounding`` unless it is one of ROUNDINGS or a valid CudaRounding."""
     if isinstance(rounding, CudaRounding):
         if (rounding.decay not in DECAY_CONTRACTIONS or rounding.exp_avg not in MOMENT_CONTRACTIONS
-                or rounding.exp_avg_sq not in MOMENT_CONTRACTIONS or rounding.arithmetic not in ARITHMETICS):
+                or rounding.exp_avg_sq not in MOMENT_CONTRACTIONS or rounding.arithmetic not in ARITHMETICS or rounding.pow not in POWS):
             raise ValueError(f"Invalid rounding: {rounding!r} (decay in {DECAY_CONTRACTIONS}, exp_avg and "
                              f"exp_avg_sq in {MOMENT_CONTRACTIONS})")
         return
@@ -311,8 +316,11 @@ def step_leaves(param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, ma
                 continue
             opmath = jnp.dtype(jnp.float64) if p.dtype == jnp.float64 else jnp.dtype(jnp.float32)
             if opmath not in scalars:
-                make = _scalars_opmath if contraction.arithmetic == "opmath" else _scalars
-                scalars[opmath] = make(learning_rate, b1, b2, weight_decay, count, t, opmath)
+                if contraction.arithmetic == "opmath":
+                    scalars[opmath] = _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath,
+                                                      contraction.pow == "device")
+                else:
+                    scalars[opmath] = _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
             results.append(_leaf(p, g, m, v, vmax, scalars[opmath], b1=b1, b2=b2, eps=eps,
                                  decay=decay_on and weight_decay != 0, amsgrad=amsgrad, maximize=maximize,
                                  contraction=contraction))
@@ -431,7 +439,10 @@ def float32_bias_corrections(b1: float, b2: float, steps: int) -> tuple[np.ndarr
     return bc1.astype(np.float32), np.sqrt(bc2.astype(np.float32))
 
 
-def _opmath_bc_at(beta: float, t, opmath):
+def _opmath_bc_at(beta: float, t, opmath, pow_on_device: bool = False):
+    if pow_on_device and opmath == jnp.float32:
+        beta32 = jnp.asarray(np.float32(beta), jnp.float32)
+        return (1 - jnp.power(beta32, t.astype(jnp.float32))).astype(jnp.float64)
     table = _opmath_bias_corrections(beta, opmath)
     value = jnp.asarray(table, opmath)[jnp.minimum(t, table.shape[0]) - 1]
     if table[-1] == 1:
@@ -440,7 +451,7 @@ def _opmath_bc_at(beta: float, t, opmath):
     return jnp.where(t <= table.shape[0], value, beyond).astype(jnp.float64)
 
 
-def _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScalars:
+def _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath, pow_on_device=False) -> _CudaScalars:
     """The opmath kernel's scalars (held in float64, with float32 values for float32 opmath)."""
     rnd = lambda x: jnp.asarray(x, jnp.float64).astype(opmath).astype(jnp.float64)  # noqa: E731
     if isinstance(learning_rate, TorchSchedule):
@@ -451,8 +462,8 @@ def _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _C
     else:
         lr = jnp.float64(learning_rate)
     lr = rnd(lr)
-    bias_correction1 = _opmath_bc_at(b1, t, opmath)
-    bias_correction2_sqrt = rnd(jnp.sqrt(_opmath_bc_at(b2, t, opmath)))
+    bias_correction1 = _opmath_bc_at(b1, t, opmath, pow_on_device)
+    bias_correction2_sqrt = rnd(jnp.sqrt(_opmath_bc_at(b2, t, opmath, pow_on_device)))
     return _CudaScalars(rnd(lr * rnd(weight_decay)), rnd(lr / bias_correction1), bias_correction2_sqrt)
 
 

@@ -59,12 +59,21 @@ def _run_jax(params, grads, rounding, lr=1e-3, **options):
     return leaves, state
 
 
+_xla_pow = jax.jit(lambda b, t: jnp.power(b, t))
+
+
+def _device_pow(beta, step):
+    """The backend's float32 pow, as CudaRounding(pow="device") uses it in the graph."""
+    return np.asarray(_xla_pow(jnp.float32(beta), jnp.float32(step)))
+
+
 def _run_numpy(params, grads, contraction, lr=1e-3, mask=None, **options):
     state = reference.torch_cuda_init(params, options.get("amsgrad", False))
     leaves = list(params)
+    float_pow = _device_pow if getattr(contraction, "pow", "host") == "device" else None
     for g in grads:
         leaves, state = reference.torch_cuda_step(leaves, g, state, lr=lr, decay_mask=mask,
-                                                  contraction=tuple(contraction), **options)
+                                                  contraction=tuple(contraction), float_pow=float_pow, **options)
     return leaves, state
 
 
@@ -81,7 +90,7 @@ def _assert_bitwise(jax_result, numpy_result):
 
 
 @pytest.mark.parametrize("dtype, option", [("float32", option) for option in OPTIONS] + [
-    (dtype, option) for dtype in ("bfloat16", "float16") for option in list(OPTIONS)[:2]])
+    ("bfloat16", option) for option in list(OPTIONS)[:2]] + [("float16", "default")])
 def test_jax_equals_numpy_emulation(dtype, option):
     params, grads = _stream(DTYPES[dtype], 12)
     options = OPTIONS[option]
@@ -110,6 +119,16 @@ def test_opmath_kernel_generation(dtype):
         candidate = jax_impl.CudaRounding(decay, arithmetic="opmath")
         _assert_bitwise(_run_jax(params, grads, candidate, **options),
                         _run_numpy(params, grads, candidate, **options))
+
+
+def test_opmath_pow_on_device():
+    """pow="device": the bias corrections come from the backend's float32 pow (here XLA:CPU's), all else equal."""
+    params, grads = _stream(np.float32, 6, seed=11)
+    candidate = jax_impl.CudaRounding(arithmetic="opmath", pow="device")
+    expected, _ = _run_numpy(params, grads, candidate)
+    ours, _ = _run_jax(params, grads, candidate)
+    for a, b in zip(ours, expected):
+        assert np.array_equal(_bits(a), _bits(b))
 
 
 def test_kernel_generations_differ_in_float32():
@@ -142,7 +161,9 @@ def test_candidates_are_distinguishable_in_float64(x64):
     the float64 case of the GPU run decides.
     """
     params, grads = _stream(np.float64, 20, seed=3)
-    results = {c: _run_numpy(params, grads, c, lr=0.1, weight_decay=0.5) for c in cuda.candidates()}
+    # pow="device" applies to float32 only: in float64 it is its pow="host" twin.
+    results = {c: _run_numpy(params, grads, c, lr=0.1, weight_decay=0.5) for c in cuda.candidates()
+               if c.pow == "host"}
 
     def fingerprint(result):
         leaves, state = result
