@@ -1,6 +1,6 @@
 """AdamW step time of every implementation against the memory-bandwidth floor, measured in the same run.
 
-    python benchmarks/step_time.py [--device cpu|gpu] [--sizes 1e5,1e6,1e7] [--layouts one,many]
+    python benchmarks/step_time.py [--device cpu|gpu] [--sizes 1e5,1e6,1e7] [--layouts one,many,layers16]
                                    [--impls ...] [--dtype float32] [--repeats 15] [--out DIR]
 
 A float32 AdamW step reads params, grads and both moments and writes params and
@@ -21,6 +21,13 @@ With ``(device-to-device copy)`` among the implementations (the ``gpu`` command
 always adds it), a copy of the params' size runs in the same rounds and every
 row also gets ``fraction_of_copy_bandwidth``: 28 B/param over the copy's
 bandwidth, the HBM figure on a GPU.
+
+Besides the bare step, rows time the update as Flax code runs it: through
+``optax.apply_updates``, ``nnx.Optimizer`` / ``jax_impl.ExactOptimizer`` (under
+``@nnx.jit``, in the split-graph loop, through ``nnx.cached_partial``) and
+linen's ``TrainState`` (``apply_gradients`` or ``jax_impl.apply_gradients_exact``);
+the ``vs torch fused`` column is the ratio to ``torch.optim.AdamW(fused=True)``
+measured in the same rounds.
 """
 
 from __future__ import annotations
