@@ -123,3 +123,18 @@ def test_adamw_past_a_changing_schedule_gives_nan_not_a_held_lr():
     params, state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(
         jnp.ones(3), tx.init(jnp.ones(3))._replace(count=jnp.asarray(50, jnp.int32)), jnp.ones(3))
     assert np.isfinite(np.asarray(params)).all()
+
+
+@pytest.mark.parametrize("T_max, eta_min", [(7, 0.0), (50, 1e-4)])
+def test_cosine_fast_path_is_torchs_across_restarts(T_max, eta_min):  # noqa: N803
+    # The long-table fast path (CosineAnnealingLR.run_steps) replays torch's recursion, restarts included.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max, eta_min)
+    expected = []
+    for _ in range(1500):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    table = S.cosine_annealing_lr(0.1, T_max, eta_min, horizon=1500).table
+    first = np.flatnonzero(table != np.asarray(expected))
+    assert first.size == 0, f"first differing count {first[0]}"
