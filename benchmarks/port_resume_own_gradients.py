@@ -6,8 +6,10 @@
 A measurement for the README ("Porting"), not a speed benchmark: with shared gradients the
 resume is bitwise (tests/test_ports.py); with each framework's own it is not, and this says by how much.
 """
-import copy, sys
-import numpy as np, torch, jax, jax.numpy as jnp
+import copy
+import sys
+import torch
+import jax.numpy as jnp
 from flax import nnx
 import jax_impl
 from crosscheck import convert, parity, models, port_examples as pe

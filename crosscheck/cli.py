@@ -116,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Check that AdamW implementations agree, step by step.",
                                      epilog="Exit status: 0 pass, 1 mismatch, 2 usage or input error, 130 interrupted.")
     parser.add_argument("--out", type=Path, default=Path("crosscheck-report"),
-                        help="directory for report.json, report.md and the PNG (default: %(default)s; cifar10 and "
-                             "schedules write to its subfolder of that name when it is left at the default)")
+                        help="directory for report.json, report.md and the PNG (default: %(default)s; cifar10, "
+                             "schedules, port and recipes write to their subfolder of that name when it is left "
+                             "at the default)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (bars are shown only when stderr is a terminal)")
     sub = parser.add_subparsers(dest="command")

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -742,28 +741,12 @@ def part_cifar10(settings: Settings, out: Path, clock: Clock, partial: dict) -> 
 
 # --- report -------------------------------------------------------------------------------------------------
 
-def _strict(x):
-    """JSON-safe: NaN and infinities become strings, NumPy scalars Python numbers, tuples lists."""
-    if isinstance(x, dict):
-        return {str(k): _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else repr(x)
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def write_report(report: dict, out: Path) -> list[Path]:
-    from crosscheck.report import write_text
+    from crosscheck.report import strict_json, write_text
 
     out = Path(out)
     json_path, md_path = out / "report.json", out / "report.md"
-    write_text(json_path, json.dumps(_strict(report), indent=1, allow_nan=False))
+    write_text(json_path, strict_json(report))
     write_text(md_path, markdown(report))
     paths = [json_path, md_path]
     summary_png = out / "summary.png"

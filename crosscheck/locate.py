@@ -25,7 +25,6 @@ right and whose backward is not (a ``stop_gradient`` left in).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -435,19 +434,25 @@ def _gradient_gaps(torch_model, flax_model, x_torch, x_flax, labels, layers, tor
                                  parity.GRAD_FLOOR)
 
 
-def write_report(divergence: Divergence, directory, title: str = "port check") -> list:
-    """report.md, report.json (strict) and errors.png (per-module error and band) in ``directory``."""
+def write_report(divergence: Divergence, directory, title: str = "port check", checks: dict | None = None) -> list:
+    """report.md, report.json (strict) and errors.png (per-module error and band) in ``directory``, written together.
+
+    ``checks``: further results (the ``port`` command's parity and resume checks), added to both reports.
+    """
     from pathlib import Path
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from crosscheck.report import strict_json, write_files
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "report.json").write_text(json.dumps({"title": title, **divergence.to_json()}, indent=2,
-                                                      allow_nan=False))
-    (directory / "report.md").write_text(f"# {title}\n\n{divergence.to_markdown()}\n")
+    data = {"title": title, **divergence.to_json(), **({"checks": checks} if checks else {})}
+    text_md = f"# {title}\n\n{divergence.to_markdown()}\n"
+    if checks:
+        text_md += "\n## Checks\n\n" + "\n".join(f"- {k}: {v}" for k, v in checks.items()) + "\n"
+    text_json = strict_json(data)
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(divergence.modules)), 4))
     xs = range(len(divergence.modules))
     tiny = 1e-30
@@ -458,6 +463,11 @@ def write_report(divergence: Divergence, directory, title: str = "port check") -
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(directory / "errors.png", dpi=100)
-    plt.close(fig)
-    return [directory / n for n in ("report.md", "report.json", "errors.png")]
+    paths = [directory / n for n in ("report.md", "report.json", "errors.png")]
+    try:
+        write_files({paths[0]: lambda tmp: Path(tmp).write_text(text_md),
+                     paths[1]: lambda tmp: Path(tmp).write_text(text_json),
+                     paths[2]: lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
+    finally:
+        plt.close(fig)
+    return paths

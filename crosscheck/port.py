@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -200,11 +199,7 @@ def run(args) -> int:
         passed = passed and ulps == 0
         print(f"resume after {args.resume} torch steps, {args.resume} jax_impl steps: max {ulps} ulps "
               "from the 2k-step torch run")
-    locate.write_report(divergence, out, title=args.example or f"{args.torch_factory} -> {args.flax_factory}")
-    data = json.loads((out / "report.json").read_text())
-    data["checks"] = summary
-    (out / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False))
-    with (out / "report.md").open("a") as f:
-        f.write("\n## Checks\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n")
+    locate.write_report(divergence, out, title=args.example or f"{args.torch_factory} -> {args.flax_factory}",
+                        checks=summary)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'errors.png'}")
     return 0 if passed else 1

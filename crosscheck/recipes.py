@@ -11,7 +11,6 @@ Writes ``report.json``, ``report.md`` and ``recipes.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +139,7 @@ def _recipes(steps: int):
             params, state = step(jax.tree.map(jnp.asarray, g), state, params)
         return {k: np.asarray(v) for k, v in params.items()}
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-2, warmup_steps=5, decay_steps=steps, end_value=1e-3)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-2, warmup_steps=5, decay_steps=max(steps, 6), end_value=1e-3)
     table = tabulate(schedule, steps)
     groups = [{"weight_decay": 0.1}, {"weight_decay": 0.0, "lr": 3e-2, "eps": 1e-6},
               {"lr": 5e-3, "betas": (0.8, 0.99), "amsgrad": True}]
@@ -232,21 +231,22 @@ def run(args) -> int:
         return 2
     out = args.out
     rows = measure(args.steps)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(rows, indent=2, allow_nan=False))
-    (out / "report.md").write_text(markdown(rows) + "\n")
-    _plot(rows, out / "recipes.png")
+    _write(rows, out)
     print(markdown(rows))
     print(f"report: {out}/report.json, report.md, recipes.png")
     return 0 if all(r["passed"] for r in rows) else 1
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _write(rows: list[dict], out: Path) -> None:
+    """report.json (strict), report.md and recipes.png, written together."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from crosscheck.report import strict_json, write_files
+
+    text_json, text_md = strict_json(rows), markdown(rows) + "\n"
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1))
     ulps = [max(r["max_ulps"], 0.5) for r in rows]
     ax.barh([r["recipe"] for r in rows], ulps, color=["tab:green" if r["bitwise"] else "tab:orange" for r in rows])
@@ -254,6 +254,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("max ulps vs torch (0 drawn as 0.5: bitwise)")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_files({out / "report.json": lambda tmp: Path(tmp).write_text(text_json),
+                     out / "report.md": lambda tmp: Path(tmp).write_text(text_md),
+                     out / "recipes.png": lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
+    finally:
+        plt.close(fig)
 

@@ -118,7 +118,9 @@ def _strict(value):
         if math.isinf(value):
             return "Infinity" if value > 0 else "-Infinity"
         return value
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)  # paths, dtypes: their names
 
 
 def strict_json(value) -> str:

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import pickle
-import shutil
 import tarfile
 
 import numpy as np

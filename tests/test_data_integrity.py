@@ -98,7 +98,6 @@ def test_download_verifies_a_file_already_there_and_a_read_only_folder(archive_b
 
 # ---------------------------------------------------------------- checkpoints
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
