@@ -554,7 +554,7 @@ def _transformer_pair(vocab: int, width: int, depth: int, heads: int, seq: int):
 
         def __call__(self, tokens):
             mask = nnx.make_causal_mask(tokens)
-            h = self.embed(tokens) + self.pos[...]
+            h = self.embed(tokens) + self.pos[...][None]  # explicit batch axis: no rank promotion
             for block in self.blocks:
                 h = block(h, mask)
             return self.head(self.norm(h))
