@@ -78,7 +78,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_impl import bias_correction as bc
-from jax_impl.schedules import TorchSchedule
 
 ROUNDINGS = ("auto", "torch-cpu", "torch-cuda")
 DECAY_CONTRACTIONS = ("fma", "none")
@@ -225,15 +224,17 @@ def _bias_correction_at(beta: float, t: jax.Array) -> jax.Array:
     return jnp.where(t <= table.shape[0], value, _device_bias_correction(beta, t))
 
 
+def _lr_double(learning_rate, count) -> jax.Array:
+    """The step's lr in float64 (call inside x64_scope()): a torch schedule's float64 table value (NaN past a
+    table that does not hold its last value, as ``TorchSchedule`` gives), a traced schedule's value, or the float."""
+    if callable(learning_rate):
+        return jnp.asarray(learning_rate(count)).astype(jnp.float64)
+    return jnp.asarray(learning_rate).astype(jnp.float64)
+
+
 def _scalars(learning_rate, b1, b2, weight_decay, count, t, opmath) -> _CudaScalars:
     """Float64 inside x64_scope(): the kernel's per-tensor scalars, rounded where it rounds them."""
-    if isinstance(learning_rate, TorchSchedule):
-        table = np.asarray(learning_rate.table, np.float64)
-        lr = jnp.asarray(table)[jnp.clip(count, 0, table.shape[0] - 1)]
-    elif callable(learning_rate):
-        lr = jnp.asarray(learning_rate(count)).astype(jnp.float64)
-    else:
-        lr = jnp.float64(learning_rate)
+    lr = _lr_double(learning_rate, count)
     bias_correction1 = _bias_correction_at(b1, t).astype(opmath).astype(jnp.float64)
     bias_correction2_sqrt = jnp.sqrt(_bias_correction_at(b2, t)).astype(opmath)
     step_size = (lr / bias_correction1).astype(opmath)
@@ -454,13 +455,7 @@ def _opmath_bc_at(beta: float, t, opmath, pow_on_device: bool = False):
 def _scalars_opmath(learning_rate, b1, b2, weight_decay, count, t, opmath, pow_on_device=False) -> _CudaScalars:
     """The opmath kernel's scalars (held in float64, with float32 values for float32 opmath)."""
     rnd = lambda x: jnp.asarray(x, jnp.float64).astype(opmath).astype(jnp.float64)  # noqa: E731
-    if isinstance(learning_rate, TorchSchedule):
-        table = np.asarray(learning_rate.table, np.float64)
-        lr = jnp.asarray(table)[jnp.clip(count, 0, table.shape[0] - 1)]
-    elif callable(learning_rate):
-        lr = jnp.asarray(learning_rate(count)).astype(jnp.float64)
-    else:
-        lr = jnp.float64(learning_rate)
+    lr = _lr_double(learning_rate, count)
     lr = rnd(lr)
     bias_correction1 = _opmath_bc_at(b1, t, opmath, pow_on_device)
     bias_correction2_sqrt = rnd(jnp.sqrt(_opmath_bc_at(b2, t, opmath, pow_on_device)))
