@@ -60,6 +60,10 @@ def _worker(rank: int, mode: str, init_file: str, out: str) -> None:
             optimizer.step()
         if rank == 0:
             torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, out)
+        # Neither rank tears gloo down while the other still talks to it: a rank that
+        # destroyed its group early sometimes aborted at exit ("terminate called
+        # without an active exception", SIGABRT: once in this session's three full CI runs).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
