@@ -318,7 +318,7 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
     (measured in ``tests/test_optax_conventions.py``).
     """
     wide = jnp.dtype(wide or _scalar_arithmetic_dtype())
-    scope = jax.enable_x64(True) if wide == jnp.float64 else contextlib.nullcontext()
+    scope = _cuda_rounding.x64_scope() if wide == jnp.float64 else contextlib.nullcontext()
     with scope:
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr).astype(wide)
@@ -362,7 +362,7 @@ def _in_graph_double(fn: Callable[..., jax.Array], *args) -> jax.Array:
     0.5% in float32).  XLA:CPU's float64 ``pow`` agreed bit for bit with libm's
     on 15,000 random counts in [2**22, 2**31) (tests/test_jax_api.py).
     """
-    with jax.enable_x64(True):
+    with _cuda_rounding.x64_scope():
         return fn(*args)
 
 
