@@ -205,6 +205,16 @@ def _rounded_mul(a, b, neg_zero):
 
 # --- per-step scalars ------------------------------------------------------------------------------------
 
+def _sum_of_products(contraction: str, a, x, b, y, neg_zero, narrow):
+    """``a*x + b*y`` in double as nvcc may contract it: ``fma(a, x, b*y)`` ("fma-first"),
+    ``fma(b, y, a*x)`` ("fma-second") or both products rounded ("none")."""
+    if contraction == "fma-first":
+        return fma64(a, x, _rounded_mul(b, y, neg_zero), narrow)
+    if contraction == "fma-second":
+        return fma64(b, y, _rounded_mul(a, x, neg_zero), narrow)
+    return _rounded_mul(a, x, neg_zero) + _rounded_mul(b, y, neg_zero)
+
+
 class _CudaScalars(NamedTuple):
     lr_wd: jax.Array  # float64: lr * weight_decay in double
     step_size: jax.Array  # opmath: lr / bias_correction1 (float32: bc1 rounded to float32 first)
@@ -265,23 +275,10 @@ def _leaf(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _CudaScalar
         p = p.astype(opmath).astype(jnp.float64)  # param is opmath_t
 
     beta1, weight1 = jnp.float64(b1), jnp.float64(1.0 - b1)
-    if contraction.exp_avg == "fma-first":
-        m = fma64(beta1, m, _rounded_mul(weight1, g, neg_zero), narrow)
-    elif contraction.exp_avg == "fma-second":
-        m = fma64(weight1, g, _rounded_mul(beta1, m, neg_zero), narrow)
-    else:
-        m = _rounded_mul(beta1, m, neg_zero) + _rounded_mul(weight1, g, neg_zero)
-    m = m.astype(opmath)
-
+    m = _sum_of_products(contraction.exp_avg, beta1, m, weight1, g, neg_zero, narrow).astype(opmath)
     beta2, weight2 = jnp.float64(b2), jnp.float64(1.0 - b2)
     weighted_grad = _rounded_mul(weight2, g, neg_zero)
-    if contraction.exp_avg_sq == "fma-first":
-        v = fma64(beta2, v, _rounded_mul(weighted_grad, g, neg_zero), narrow)
-    elif contraction.exp_avg_sq == "fma-second":
-        v = fma64(weighted_grad, g, _rounded_mul(beta2, v, neg_zero), narrow)
-    else:
-        v = _rounded_mul(beta2, v, neg_zero) + _rounded_mul(weighted_grad, g, neg_zero)
-    v = v.astype(opmath)
+    v = _sum_of_products(contraction.exp_avg_sq, beta2, v, weighted_grad, g, neg_zero, narrow).astype(opmath)
 
     v_for_denom, new_max = v, None
     if amsgrad:
