@@ -1,7 +1,7 @@
 """AdamW step time of every implementation against the memory-bandwidth floor, measured in the same run.
 
     python benchmarks/step_time.py [--device cpu|gpu] [--sizes 1e5,1e6,1e7] [--layouts one,many,layers16]
-                                   [--impls ...] [--dtype float32] [--repeats 15] [--out DIR]
+                                   [--impls ...] [--dtype float32] [--repeats 15] [--pairs] [--out DIR]
 
 A float32 AdamW step reads params, grads and both moments and writes params and
 both moments: 28 bytes per parameter, so its floor is 28 N / bandwidth.  The
@@ -10,7 +10,11 @@ kernel (torch's ``addcmul_``, reading three arrays and writing one: 16 B/element
 taken as the median over the rounds.
 
 Each round runs every implementation once, in a rotated order (A B C, B C A,
-...), so drift in the machine's speed hits all alike; after warm-up, the
+...), so drift in the machine's speed hits all alike; with ``--pairs`` each
+row is timed with ``torch.optim.AdamW(fused=True)`` alone (A T A T ...), as
+on a 2-core CPU whichever row runs before a JAX step can slow it (measured:
+the exact step over 300 leaves 1.13-1.33x torch in pairs, 1.68x among 15
+rows, with GC frozen and pauses between calls).  After warm-up, the
 median over rounds and its interquartile range are reported, with ms/step,
 effective GB/s at 28 B/param, fraction of the measured bandwidth and the
 ratio to the fastest peer.  JAX steps are jitted with donated buffers and
@@ -25,9 +29,10 @@ bandwidth, the HBM figure on a GPU.
 Besides the bare step, rows time the update as Flax code runs it: through
 ``optax.apply_updates``, ``nnx.Optimizer`` / ``jax_impl.ExactOptimizer`` (under
 ``@nnx.jit``, in the split-graph loop, through ``nnx.cached_partial``) and
-linen's ``TrainState`` (``apply_gradients`` or ``jax_impl.apply_gradients_exact``);
-the ``vs torch fused`` column is the ratio to ``torch.optim.AdamW(fused=True)``
-measured in the same rounds.
+linen's ``TrainState`` (``apply_gradients`` or ``jax_impl.apply_gradients_exact``),
+and a loop that waits for the result only every 10 steps (JAX's asynchronous
+dispatch); the ``vs torch fused`` column is the ratio to
+``torch.optim.AdamW(fused=True)`` measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -130,7 +136,8 @@ def torch_bench(name: str, cls, path: str, shapes, dtype, device) -> Bench:
                                          for k, t in s.items() if torch.is_tensor(t) and k != "step"))
 
 
-def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, flat: bool = False) -> Bench:
+def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, flat: bool = False,
+              dispatches: int = 1) -> Bench:
     if jax.default_backend() == "cpu":
         rng = np.random.default_rng(0)
         params = [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
@@ -164,12 +171,15 @@ def jax_bench(name: str, tx, shapes, dtype, kind: str, steps_per_call: int = 1, 
     compile_seconds = time.perf_counter() - started
 
     def step():  # through jit's C++ dispatch path, as a training loop calls it
-        holder["params"], holder["state"] = jitted(grads, holder["params"], holder["state"])
+        # dispatches > 1: a loop that waits only at the end, as one that logs
+        # every N steps does; JAX dispatches the next step while one runs.
+        for _ in range(dispatches):
+            holder["params"], holder["state"] = jitted(grads, holder["params"], holder["state"])
         jax.block_until_ready(holder["params"])
 
     step()
     return Bench(name, step, lambda: sum(x.nbytes for x in jax.tree.leaves(holder["state"]) if x.ndim),
-                 compile_seconds, steps_per_call)
+                 compile_seconds, steps_per_call * dispatches)
 
 
 def _arrays(shapes, dtype, seed: int) -> list[jax.Array]:
@@ -183,8 +193,11 @@ def nnx_bench(name: str, tx, shapes, dtype, optimizer_cls: str, loop: str) -> Be
     ``loop``: "nnx.jit" (``@nnx.jit`` over the objects, no donation: the
     object graph is traversed on every call), "split" (Flax's functional
     pattern: ``nnx.split`` once, ``jax.jit`` of the pure state with
-    ``nnx.merge`` inside, donated) or "cached_partial" (``nnx.cached_partial``
-    of an ``nnx.jit`` function with the objects donated).
+    ``nnx.merge`` inside, donated), "leaves" (the same with the state passed
+    as its list of leaves, the README's loop: JAX flattens a list in C++,
+    an ``nnx.State`` of ``Variable`` nodes in Python, both ways, per call) or
+    "cached_partial" (``nnx.cached_partial`` of an ``nnx.jit`` function with
+    the objects donated).
     """
     from flax import nnx
 
@@ -201,15 +214,21 @@ def nnx_bench(name: str, tx, shapes, dtype, optimizer_cls: str, loop: str) -> Be
     def update(model, optimizer, grads):
         optimizer.update(model, grads)
 
-    if loop == "split":
+    if loop in ("split", "leaves"):
         graphdef, state = nnx.split((model, optimizer))
+        treedef, grads_treedef = jax.tree.structure(state), jax.tree.structure(grads)
+        if loop == "leaves":  # the gradients too, as a train step would compute them inside
+            state, grads = jax.tree.leaves(state), jax.tree.leaves(grads)
 
         # The state comes back in the order it goes in: donated buffers pair with outputs in order.
         @functools.partial(jax.jit, donate_argnums=0)
         def pure_update(state, grads):
+            if loop == "leaves":
+                state, grads = jax.tree.unflatten(treedef, state), jax.tree.unflatten(grads_treedef, grads)
             model, optimizer = nnx.merge(graphdef, state)
             update(model, optimizer, grads)
-            return nnx.state((model, optimizer))
+            new_state = nnx.state((model, optimizer))
+            return new_state if loop == "split" else jax.tree.leaves(new_state)
 
         holder = {"state": state}
         started = time.perf_counter()
@@ -277,6 +296,8 @@ IMPLS: dict[str, Callable] = {
                                                          dt, "exact"),
     "jax_impl.adamw (10 steps per jit call)": lambda sh, dt, dev: jax_bench(
         "jax_impl.adamw (10 steps per jit call)", jax_impl.adamw(), sh, dt, "exact", 10),
+    "jax_impl.adamw (10 dispatches per wait)": lambda sh, dt, dev: jax_bench(
+        "jax_impl.adamw (10 dispatches per wait)", jax_impl.adamw(), sh, dt, "exact", dispatches=10),
     "jax_impl.adamw (flat buffers)": lambda sh, dt, dev: jax_bench(
         "jax_impl.adamw (flat buffers)", lambda layout: jax_impl.adamw(**layout.adamw_options()), sh, dt, "exact",
         flat=True),
@@ -290,6 +311,9 @@ IMPLS: dict[str, Callable] = {
         "exact"),
     "jax_impl.adamw+apply_updates": lambda sh, dt, dev: jax_bench("jax_impl.adamw+apply_updates", jax_impl.adamw(),
                                                                   sh, dt, "updates"),
+    # The one-pass kernel writing optax's update (kernel="cpu"; "auto" takes XLA's passes for update).
+    "jax_impl.adamw[cpu]+apply_updates": lambda sh, dt, dev: jax_bench(
+        "jax_impl.adamw[cpu]+apply_updates", jax_impl.adamw(kernel="cpu"), sh, dt, "updates"),
     "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", _optax_adamw(), sh, dt, "updates"),
     "nnx.Optimizer(jax_impl.adamw) [nnx.jit]": lambda sh, dt, dev: nnx_bench(
         "nnx.Optimizer(jax_impl.adamw) [nnx.jit]", jax_impl.adamw(), sh, dt, "nnx", "nnx.jit"),
@@ -299,6 +323,12 @@ IMPLS: dict[str, Callable] = {
         "nnx.Optimizer(optax.adamw) [split]", _optax_adamw(), sh, dt, "nnx", "split"),
     "ExactOptimizer [split]": lambda sh, dt, dev: nnx_bench(
         "ExactOptimizer [split]", jax_impl.adamw(), sh, dt, "exact", "split"),
+    "nnx.Optimizer(jax_impl.adamw) [leaves]": lambda sh, dt, dev: nnx_bench(
+        "nnx.Optimizer(jax_impl.adamw) [leaves]", jax_impl.adamw(), sh, dt, "nnx", "leaves"),
+    "nnx.Optimizer(optax.adamw) [leaves]": lambda sh, dt, dev: nnx_bench(
+        "nnx.Optimizer(optax.adamw) [leaves]", _optax_adamw(), sh, dt, "nnx", "leaves"),
+    "ExactOptimizer [leaves]": lambda sh, dt, dev: nnx_bench(
+        "ExactOptimizer [leaves]", jax_impl.adamw(), sh, dt, "exact", "leaves"),
     "ExactOptimizer [cached_partial]": lambda sh, dt, dev: nnx_bench(
         "ExactOptimizer [cached_partial]", jax_impl.adamw(), sh, dt, "exact", "cached_partial"),
     "TrainState.apply_gradients(jax_impl.adamw)": lambda sh, dt, dev: train_state_bench(
@@ -378,51 +408,80 @@ def measure(benches: list[Bench], bandwidth: Callable[[], None], repeats: int):
     return {b.name: [t / b.steps_per_call for t in times[b.name]] for b in benches}, stream
 
 
+def groups_of(impls: list[str], pairs: bool) -> list[list[str]]:
+    """The sets of rows timed together: all of them, or (``pairs``) each with torch fused alone (A B A B ...)."""
+    if not pairs or TORCH_FUSED not in impls or len(impls) < 3:
+        return [impls]
+    return [[name, TORCH_FUSED] for name in impls if name != TORCH_FUSED]
+
+
 def run(device: str, sizes: list[int], layouts: list[str], impls: list[str], dtype: str, repeats: int,
-        progress: bool = True, leaves: int = 300) -> list[dict]:
+        progress: bool = True, leaves: int = 300, pairs: bool = False) -> list[dict]:
     torch_device = "cuda" if device == "gpu" else "cpu"
     rows = []
     cases = [(layout, n) for layout in layouts for n in sizes]
+    groups = groups_of(impls, pairs)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cases), desc="step_time", unit="case", file=sys.stderr)
+        bar = tqdm(total=len(cases) * len(groups), desc="step_time", unit="group", file=sys.stderr)
     for layout, n in cases:
         shapes = many_shapes(n, leaves) if layout == "many" else LAYOUTS[layout](n)
-        numel = int(sum(np.prod(s) for s in shapes))
-        benches = [IMPLS[i](shapes, dtype, torch_device) for i in impls]
-        kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
-        times, stream = measure(benches, kernel, repeats)
-        bandwidth = kernel_bytes / statistics.median(stream)
-        floor = BYTES_PER_PARAM[dtype] * numel / bandwidth
-        medians = {name: statistics.median(t) for name, t in times.items()}
-        # Peers: the other libraries' rows (torch.optim, optax, through any Flax container).
-        peers = [v for k, v in medians.items() if not any(ours in k for ours in OURS)]
-        fastest_peer = min(peers or medians.values())
-        # With the copy in the rounds: the floor over the copy's bandwidth (the HBM figure on a GPU) too.
-        copy_bandwidth = (2 * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize * numel
-                          / medians[COPY]) if COPY in medians else None
-        torch_fused = medians.get(TORCH_FUSED)
-        for b in benches:
-            t = sorted(times[b.name])
-            q1, q3 = t[len(t) // 4], t[(3 * len(t)) // 4]
-            rows.append({
-                "layout": layout, "leaves": len(shapes), "params": numel, "implementation": b.name,
-                "ms": 1e3 * medians[b.name], "iqr_ms": 1e3 * (q3 - q1),
-                "gb_per_s": BYTES_PER_PARAM[dtype] * numel / medians[b.name] / 1e9,
-                "fraction_of_bandwidth": floor / medians[b.name], "vs_fastest_peer": medians[b.name] / fastest_peer,
-                "vs_torch_fused": None if torch_fused is None else medians[b.name] / torch_fused,
-                "floor_ms": 1e3 * floor, "bandwidth_gb_per_s": bandwidth / 1e9,
-                "state_bytes_per_param": b.state_bytes() / numel,
-                "compile_s": b.compile_seconds,
-                "copy_bandwidth_gb_per_s": None if copy_bandwidth is None else copy_bandwidth / 1e9,
-                "fraction_of_copy_bandwidth": None if copy_bandwidth is None else
-                BYTES_PER_PARAM[dtype] * numel / copy_bandwidth / medians[b.name]})
-        if bar is not None:
-            bar.update()
+        for g, group in enumerate(groups):
+            for row in measure_group(group, shapes, dtype, torch_device, repeats, layout):
+                if g == 0 or row["implementation"] != TORCH_FUSED:  # torch fused's row once, from the first pair
+                    rows.append(row)
+            if bar is not None:
+                bar.update()
     if bar is not None:
         bar.close()
+    return rows
+
+
+def measure_group(names: list[str], shapes, dtype: str, torch_device: str, repeats: int, layout: str) -> list[dict]:
+    """One row per implementation in ``names``, timed in the same interleaved rounds."""
+    numel = int(sum(np.prod(s) for s in shapes))
+    benches = [IMPLS[i](shapes, dtype, torch_device) for i in names]
+    kernel, kernel_bytes = bandwidth_kernel(numel, dtype, torch_device)
+    # Every row's arrays and objects live in this one process; a JAX call
+    # makes ~900 new arrays over 300 leaves, and the collections that
+    # triggers would scan all rows' objects (805k in the full run at 8e6:
+    # 0.75 s of GC in the timed rounds), a cost of the harness, not of a
+    # row.  Frozen, setup objects are skipped; what the steps make is
+    # still collected.
+    gc.collect()
+    gc.freeze()
+    try:
+        times, stream = measure(benches, kernel, repeats)
+    finally:
+        gc.unfreeze()
+    bandwidth = kernel_bytes / statistics.median(stream)
+    floor = BYTES_PER_PARAM[dtype] * numel / bandwidth
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    # Peers: the other libraries' rows (torch.optim, optax, through any Flax container).
+    peers = [v for k, v in medians.items() if not any(ours in k for ours in OURS)]
+    fastest_peer = min(peers or medians.values())
+    # With the copy in the rounds: the floor over the copy's bandwidth (the HBM figure on a GPU) too.
+    copy_bandwidth = (2 * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize * numel
+                      / medians[COPY]) if COPY in medians else None
+    torch_fused = medians.get(TORCH_FUSED)
+    rows = []
+    for b in benches:
+        t = sorted(times[b.name])
+        q1, q3 = t[len(t) // 4], t[(3 * len(t)) // 4]
+        rows.append({
+            "layout": layout, "leaves": len(shapes), "params": numel, "implementation": b.name,
+            "ms": 1e3 * medians[b.name], "iqr_ms": 1e3 * (q3 - q1),
+            "gb_per_s": BYTES_PER_PARAM[dtype] * numel / medians[b.name] / 1e9,
+            "fraction_of_bandwidth": floor / medians[b.name], "vs_fastest_peer": medians[b.name] / fastest_peer,
+            "vs_torch_fused": None if torch_fused is None else medians[b.name] / torch_fused,
+            "floor_ms": 1e3 * floor, "bandwidth_gb_per_s": bandwidth / 1e9,
+            "state_bytes_per_param": b.state_bytes() / numel,
+            "compile_s": b.compile_seconds,
+            "copy_bandwidth_gb_per_s": None if copy_bandwidth is None else copy_bandwidth / 1e9,
+            "fraction_of_copy_bandwidth": None if copy_bandwidth is None else
+            BYTES_PER_PARAM[dtype] * numel / copy_bandwidth / medians[b.name]})
     return rows
 
 
@@ -439,10 +498,20 @@ def markdown(rows: list[dict], device: str, dtype: str) -> str:
         lines.append(f"| {r['layout']} ({r['leaves']} leaves) | {r['params']:.2g} | {r['implementation']} | "
                      f"{r['ms']:.3f} ({r['iqr_ms']:.3f}) | {r['gb_per_s']:.1f} | {100 * r['fraction_of_bandwidth']:.0f}% | "
                      f"{vs_torch} | {r['vs_fastest_peer']:.2f}x | {r['state_bytes_per_param']:.0f} | {compile_s} |")
-    floors = sorted({(r["layout"], r["params"], r["floor_ms"], r["bandwidth_gb_per_s"]) for r in rows})
-    lines += ["", "| layout | params | measured bandwidth GB/s | floor ms |", "|---|---|---|---|"]
-    lines += [f"| {layout} | {n:.2g} | {bw:.1f} | {floor:.3f} |" for layout, n, floor, bw in floors]
+    lines += ["", "| layout | params | measured bandwidth GB/s (range over groups) | floor ms |", "|---|---|---|---|"]
+    for (layout, n), group in floors(rows).items():
+        bandwidths = [r["bandwidth_gb_per_s"] for r in group]
+        lines.append(f"| {layout} | {n:.2g} | {statistics.median(bandwidths):.1f} ({min(bandwidths):.1f}–"
+                     f"{max(bandwidths):.1f}) | {statistics.median(r['floor_ms'] for r in group):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def floors(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """The rows of each (layout, params) case; with --pairs each group measured its own bandwidth floor."""
+    cases: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        cases.setdefault((r["layout"], r["params"]), []).append(r)
+    return cases
 
 
 def series_styles(names: list[str]) -> dict[str, dict]:
@@ -473,7 +542,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for name in dict.fromkeys(r["implementation"] for r in sub):
             points = sorted((r["params"], r["ms"]) for r in sub if r["implementation"] == name)
             ax.plot(*zip(*points), label=name, lw=1, markersize=5, **styles[name])
-        floor = sorted({(r["params"], r["floor_ms"]) for r in sub})
+        floor = sorted((n, statistics.median(r["floor_ms"] for r in case))
+                       for (name, n), case in floors(sub).items())
         # A wide bar marker, so that the floor shows when only one size was measured.
         ax.plot(*zip(*floor), color="k", linestyle="--", marker="_", markersize=24, markeredgewidth=2,
                 label="bandwidth floor (28 B/param)", lw=1.5)
@@ -495,6 +565,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_time"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--pairs", action="store_true",
+                        help="time each row in rounds with torch fused alone (A B A B ...), not all rows together: "
+                             "on a 2-core CPU the row before a JAX step slows it by up to 1.5x")
     args = parser.parse_args(argv)
     try:
         sizes = [int(float(s)) for s in args.sizes.split(",") if s]
@@ -515,7 +588,8 @@ def main(argv=None) -> int:
         parser.error("--device gpu: JAX has no GPU backend here")
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    rows = run(args.device, sizes, layouts, impls, args.dtype, args.repeats, not args.no_progress)
+    rows = run(args.device, sizes, layouts, impls, args.dtype, args.repeats, not args.no_progress,
+               pairs=args.pairs)
     text = markdown(rows, args.device, args.dtype)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

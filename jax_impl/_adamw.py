@@ -446,13 +446,10 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         g = -g
     # -0.0 that XLA cannot fold away (see the module docstring).
     neg_zero = -jnp.minimum(jnp.abs(g), 0)
-
-    if decay:
-        if decay_rounding == "torch":
-            p = p * scalars.decay + neg_zero
-        else:
-            # p - (lr*wd)*p: lr*wd is rounded instead of 1 - lr*wd, an error ~1e-5 times smaller.
-            p = p - scalars.lr_wd * p
+    # The gradient rounded on its own: XLA fuses its producer into these passes
+    # (a clipping or loss-scale factor, the last op of a backward pass), and
+    # LLVM would contract that product into g - m.  fma(a, b, -0.0) is a*b rounded.
+    g = g + neg_zero
 
     # exp_avg.lerp_(grad, 1 - b1), as torch's kernel writes it: one FMA.
     weight = _one_minus(b1, opmath)
@@ -462,6 +459,17 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         m = m + weight * (g - m)
     else:
         m = g + (weight - 1) * (g - m)
+    # The param's -0.0 comes from the new exp_avg, not the gradient: XLA:CPU
+    # computes the param in a pass of its own, which then reads p, m and v
+    # only (16 B/param, not 20).  It is NaN where m is, and p is NaN there too.
+    param_neg_zero = -jnp.minimum(jnp.abs(m), 0)
+
+    if decay:
+        if decay_rounding == "torch":
+            p = p * scalars.decay + param_neg_zero
+        else:
+            # p - (lr*wd)*p: lr*wd is rounded instead of 1 - lr*wd, an error ~1e-5 times smaller.
+            p = p - scalars.lr_wd * p
 
     coefficient2 = _one_minus(b2, opmath)
     beta2 = _as_scalar(b2, opmath)
@@ -493,7 +501,7 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         new_max = scalar_max if tail is True else vector_max if tail is False else \
             jnp.where(tail, scalar_max, vector_max)
         v_for_denom = new_max
-    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + neg_zero) + _as_scalar(eps, opmath)
+    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + param_neg_zero) + _as_scalar(eps, opmath)
     if scalars.nesterov_m is not None:
         p = p + (scalars.nesterov_m * m + scalars.nesterov_g * g) / denom
     else:
@@ -631,6 +639,12 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     # The kernel takes b1, b2 and eps as compile-time attributes: injected
     # (traced) ones go through the XLA path, which agrees with it bit for bit.
     use_kernel = _use_kernel(kernel) and not any(_is_traced(x) for x in (b1, b2, eps))
+    # For optax's update (delta) "auto" gives the kernel small leaves only: the
+    # kernel's update needs a buffer of its own, which XLA:CPU allocates per
+    # call, from fresh pages once it is large (and a gradient computed in the
+    # step must be written out for it), while XLA's passes write in place and
+    # fuse with the gradient's producer, at three small programs per leaf.
+    kernel_max_size = _UPDATE_KERNEL_MAX_SIZE if delta is not None and kernel == "auto" else None
     count = state.count
     t = optax.safe_increment(count)
     param_leaves, treedef = jax.tree.flatten(params)
@@ -651,7 +665,7 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
                 scalars_by_dtype[opmath] = _nesterov_scalars(scalars_by_dtype[opmath], b1, t, opmath)
         decay = decay_on and (_is_traced(weight_decay) or weight_decay != 0)
         if (use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch" and not nesterov
-                and m.dtype == jnp.float32):
+                and m.dtype == jnp.float32 and (kernel_max_size is None or p.size <= kernel_max_size)):
             if p.size:
                 kernel_groups.setdefault(decay, []).append(i)
             else:
@@ -680,6 +694,11 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
                            max_exp_avg_sq=new_max if amsgrad else None)
     return new_params, new_state
+
+
+# Leaves up to this many elements take the CPU kernel in optax's update with
+# kernel="auto" (larger ones XLA's passes): measured with benchmarks/step_time.py.
+_UPDATE_KERNEL_MAX_SIZE = 1 << 16
 
 
 def _use_kernel(kernel: str) -> bool:
@@ -776,8 +795,11 @@ def adamw(
         without communication); ``"cpu"`` sends float32 leaves to a one-pass
         C++ kernel through ``jax.ffi`` (built on first use; ~3x less memory
         traffic than XLA:CPU's fusions); ``"auto"`` (default) uses the kernel on
-        a single-device CPU backend when it builds, else XLA.  The two agree
-        bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
+        a single-device CPU backend when it builds: for every float32 leaf in
+        the exact step (:func:`apply_exact`), for leaves of up to 65,536
+        elements in optax's ``update`` (a larger leaf's update would need a
+        fresh buffer per call: XLA's in-place passes are faster there).  The
+        two agree bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
         ``mu_dtype`` other than float32 take the XLA path.
       mu_dtype: the dtype the first moment is stored in (optax's memory saver,
         e.g. ``jnp.bfloat16``); None: the params' dtype.  The step computes in

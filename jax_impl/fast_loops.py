@@ -1,10 +1,11 @@
 """Exact steps for Flax's training-loop containers, and the fast way to call them.
 
 ``nnx.Optimizer.update`` and linen's ``TrainState.apply_gradients`` run
-``tx.update`` then ``optax.apply_updates``: 40 bytes of memory traffic per
-float32 parameter with :func:`jax_impl.adamw`'s CPU kernel (it writes the
-update ``p_new - p``; ``apply_updates`` adds it back), and ``p + (p_new - p)``
-can lose low bits near zero.  The exact step writes ``p_new`` itself, 28 bytes
+``tx.update`` then ``optax.apply_updates``: on the CPU three passes over
+memory for a large leaf, 40 bytes per float32 parameter, as for
+``optax.adamw`` (XLA computes the moments, then the new param and its update
+``p_new - p`` that ``apply_updates`` adds back in the same pass), and
+``p + (p_new - p)`` can lose low bits near zero.  The exact step writes ``p_new`` itself, 28 bytes
 per parameter, torch's result bit for bit:
 
 * nnx: :class:`jax_impl.ExactOptimizer` in place of ``nnx.Optimizer``;
@@ -13,7 +14,9 @@ per parameter, torch's result bit for bit:
 Either way, on the CPU most of a step's time is outside the optimizer unless
 the loop is written as Flax recommends for speed: with nnx, split the graph
 once and call a ``jax.jit`` function of the pure state (``nnx.split`` /
-``nnx.merge``), so that nothing traverses the object graph per call; in both,
+``nnx.merge``), so that nothing traverses the object graph per call, and pass
+that state as its list of leaves (``jax.tree.leaves``), which JAX flattens in
+C++ where an ``nnx.State`` takes a Python call per ``Variable``; in both,
 donate the state so that the update happens in place (README, "Speed").
 ``benchmarks/step_time.py`` measures each (rows ``nnx.*`` and ``TrainState.*``).
 """

@@ -30,13 +30,15 @@ def test_step_time_smoke(tmp_path):
 def test_step_time_flax_rows_smoke(tmp_path):
     """The Flax containers' rows (nnx.Optimizer, ExactOptimizer, TrainState) on the 16-layer layout, one size."""
     flax_rows = ["nnx.Optimizer(jax_impl.adamw) [nnx.jit]", "nnx.Optimizer(jax_impl.adamw) [split]",
-                 "ExactOptimizer [split]", "ExactOptimizer [cached_partial]",
+                 "ExactOptimizer [split]", "ExactOptimizer [cached_partial]", "ExactOptimizer [leaves]",
+                 "nnx.Optimizer(jax_impl.adamw) [leaves]",
                  "TrainState.apply_gradients(jax_impl.adamw)", "jax_impl.apply_gradients_exact(TrainState)"]
     done = _run("step_time.py", "--sizes", "4000", "--repeats", "3", "--no-progress", "--out", str(tmp_path),
-                "--layouts", "layers16", "--impls", ",".join(flax_rows + ["torch.optim.AdamW(fused)"]))
+                "--layouts", "layers16", "--pairs", "--impls", ",".join(flax_rows + ["torch.optim.AdamW(fused)"]))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "report.json").read_text())
-    assert [r["implementation"] for r in rows] == flax_rows + ["torch.optim.AdamW(fused)"]
+    # --pairs: each row timed with torch fused alone; torch's own row once, from the first pair.
+    assert [r["implementation"] for r in rows] == [flax_rows[0], "torch.optim.AdamW(fused)"] + flax_rows[1:]
     assert {r["leaves"] for r in rows} == {32}
     # Every row's moments: 8 B/param, the container's own bookkeeping not counted.
     assert all(r["state_bytes_per_param"] == 8 and r["vs_torch_fused"] > 0 for r in rows), rows

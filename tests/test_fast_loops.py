@@ -67,3 +67,30 @@ def test_nnx_split_loop_with_exact_optimizer_is_apply_exact():
     nnx.update((model, optimizer), state)
     assert int(optimizer.step[...]) == STEPS
     assert _bits(nnx.as_pure(nnx.state(model, nnx.Param))) == _bits(expected_params)
+
+
+def test_readme_nnx_loop_over_leaves_is_apply_exact():
+    """The README's loop: the split state passed as its list of leaves, donated, gives the exact step's bits."""
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    tx = jax_impl.adamw(1e-3)
+    param_variables = nnx.state(model, nnx.Param)
+    expected_params, expected_state = _reference(tx, nnx.as_pure(param_variables))
+
+    optimizer = jax_impl.ExactOptimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def update(leaves, grads):
+        model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        optimizer.update(model, grads)
+        return jax.tree.leaves(nnx.state((model, optimizer)))
+
+    donated = leaves
+    for t in range(STEPS):
+        leaves = update(leaves, _grads(t, param_variables))
+    assert all(x.is_deleted() for x in donated if x.ndim)  # updated in place, not copied
+    nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
+    assert int(optimizer.step[...]) == STEPS
+    assert _bits(nnx.as_pure(nnx.state(model, nnx.Param))) == _bits(expected_params)
+    assert _bits(nnx.as_pure(optimizer.opt_state)) == _bits(expected_state)
