@@ -13,8 +13,8 @@ Each round runs every implementation once, in a rotated order (A B C, B C A,
 ...), so drift in the machine's speed hits all alike; with ``--pairs`` each
 row is timed with ``torch.optim.AdamW(fused=True)`` alone (A T A T ...), as
 on a 2-core CPU whichever row runs before a JAX step can slow it (measured:
-the exact step over 300 leaves 1.13-1.33x torch in pairs, 1.68x among 15
-rows, with GC frozen and pauses between calls).  After warm-up, the
+the exact step over 300 leaves 1.13-1.33x torch in pairs, 1.63-1.69x among
+15 rows, GC frozen, with or without pauses between calls).  After warm-up, the
 median over rounds and its interquartile range are reported, with ms/step,
 effective GB/s at 28 B/param, fraction of the measured bandwidth and the
 ratio to the fastest peer.  JAX steps are jitted with donated buffers and
@@ -543,7 +543,7 @@ def plot(rows: list[dict], path: Path) -> None:
             points = sorted((r["params"], r["ms"]) for r in sub if r["implementation"] == name)
             ax.plot(*zip(*points), label=name, lw=1, markersize=5, **styles[name])
         floor = sorted((n, statistics.median(r["floor_ms"] for r in case))
-                       for (name, n), case in floors(sub).items())
+                       for (_, n), case in floors(sub).items())
         # A wide bar marker, so that the floor shows when only one size was measured.
         ax.plot(*zip(*floor), color="k", linestyle="--", marker="_", markersize=24, markeredgewidth=2,
                 label="bandwidth floor (28 B/param)", lw=1.5)
