@@ -459,17 +459,6 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         m = m + weight * (g - m)
     else:
         m = g + (weight - 1) * (g - m)
-    # The param's -0.0 comes from the new exp_avg, not the gradient: XLA:CPU
-    # computes the param in a pass of its own, which then reads p, m and v
-    # only (16 B/param, not 20).  It is NaN where m is, and p is NaN there too.
-    param_neg_zero = -jnp.minimum(jnp.abs(m), 0)
-
-    if decay:
-        if decay_rounding == "torch":
-            p = p * scalars.decay + param_neg_zero
-        else:
-            # p - (lr*wd)*p: lr*wd is rounded instead of 1 - lr*wd, an error ~1e-5 times smaller.
-            p = p - scalars.lr_wd * p
 
     coefficient2 = _one_minus(b2, opmath)
     beta2 = _as_scalar(b2, opmath)
@@ -493,19 +482,14 @@ def _leaf_formula(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: _St
         g_tail, v_tail = g + neg_zero, v + neg_zero
         v_vector, v_scalar = vector_v(g, v), scalar_v(g_tail, v_tail)
         v = jnp.where(tail, v_scalar, v_vector)
-    v_for_denom = v
     new_max = None
     if amsgrad:
         # vec::maximum propagates NaN; the tail's std::max keeps the old value.
         scalar_max, vector_max = jnp.where(old_max < v, v, old_max), jnp.maximum(old_max, v)
         new_max = scalar_max if tail is True else vector_max if tail is False else \
             jnp.where(tail, scalar_max, vector_max)
-        v_for_denom = new_max
-    denom = jnp.sqrt(v_for_denom) / (scalars.bias_correction2_sqrt + param_neg_zero) + _as_scalar(eps, opmath)
-    if scalars.nesterov_m is not None:
-        p = p + (scalars.nesterov_m * m + scalars.nesterov_g * g) / denom
-    else:
-        p = p + (scalars.step_size_neg * m) / denom
+    p = _new_param(p, m, v, new_max, scalars, eps=eps, decay=decay, decay_rounding=decay_rounding,
+                   amsgrad=amsgrad, grad=g)
 
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
     return cast(p), m.astype(mu_dtype or dtype), cast(v), cast(new_max)
@@ -639,12 +623,6 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     # The kernel takes b1, b2 and eps as compile-time attributes: injected
     # (traced) ones go through the XLA path, which agrees with it bit for bit.
     use_kernel = _use_kernel(kernel) and not any(_is_traced(x) for x in (b1, b2, eps))
-    # For optax's update (delta) "auto" gives the kernel small leaves only: the
-    # kernel's update needs a buffer of its own, which XLA:CPU allocates per
-    # call, from fresh pages once it is large (and a gradient computed in the
-    # step must be written out for it), while XLA's passes write in place and
-    # fuse with the gradient's producer, at three small programs per leaf.
-    kernel_max_size = _UPDATE_KERNEL_MAX_SIZE if delta is not None and kernel == "auto" else None
     count = state.count
     t = optax.safe_increment(count)
     param_leaves, treedef = jax.tree.flatten(params)
@@ -655,7 +633,7 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
 
     scalars_by_dtype: dict = {}
     results: list = [None] * len(param_leaves)
-    kernel_groups: dict[bool, list[int]] = {}  # decay flag -> leaves for the one-pass CPU kernel
+    kernel_groups: dict[tuple[bool, str], list[int]] = {}  # (decay flag, kernel mode) -> leaves for the CPU kernel
     for i, (p, g, m, v, vmax, decay_on, tail_positions) in enumerate(zip(
             param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, tails)):
         opmath = _opmath_dtype(p.dtype)
@@ -665,30 +643,32 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
                 scalars_by_dtype[opmath] = _nesterov_scalars(scalars_by_dtype[opmath], b1, t, opmath)
         decay = decay_on and (_is_traced(weight_decay) or weight_decay != 0)
         if (use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch" and not nesterov
-                and m.dtype == jnp.float32 and (kernel_max_size is None or p.size <= kernel_max_size)):
+                and m.dtype == jnp.float32):
             if p.size:
-                kernel_groups.setdefault(decay, []).append(i)
+                kernel_groups.setdefault((decay, _kernel_mode(delta is not None, p.size)), []).append(i)
             else:
                 results[i] = (p, m, v, vmax)
             continue
         results[i] = _leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps, decay=decay,
                                 decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,
                                 tail_positions=tail_positions, mu_dtype=mu_dtype)
-    for decay, indices in kernel_groups.items():
-        scalars = scalars_by_dtype[jnp.dtype(jnp.float32)]
+    scalars = scalars_by_dtype.get(jnp.dtype(jnp.float32))
+    for (decay, mode), indices in kernel_groups.items():
         leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
                   for i in indices]
         out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
                               [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay,
-                              amsgrad=amsgrad, write_update=delta is not None)
-        for i, leaf_out in zip(indices, out):
-            results[i] = leaf_out
+                              amsgrad=amsgrad, mode=mode)
+        for i, (new_p, *moments) in zip(indices, out):
+            if mode == "moments":  # the param from the new moments, in XLA's pass with the caller's apply_updates
+                new_p = _new_param(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
+                                   decay_rounding=decay_rounding, amsgrad=amsgrad)
+            results[i] = (new_p, *moments)
     if delta is not None:
-        # The kernel's leaves hold their updates already (float32, as delta gives
-        # float32 params); the others get theirs here.
-        kernel_leaves = {i for indices in kernel_groups.values() for i in indices}
-        results = [r if i in kernel_leaves else (delta(r[0], param_leaves[i]), *r[1:])
-                   for i, r in enumerate(results)]
+        # The kernel's "update" leaves hold their updates already (float32, as
+        # delta gives float32 params); the others get theirs here.
+        written = set(sum((indices for (_, mode), indices in kernel_groups.items() if mode == "update"), []))
+        results = [r if i in written else (delta(r[0], param_leaves[i]), *r[1:]) for i, r in enumerate(results)]
 
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
     new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
@@ -696,9 +676,38 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     return new_params, new_state
 
 
-# Leaves up to this many elements take the CPU kernel in optax's update with
-# kernel="auto" (larger ones XLA's passes): measured with benchmarks/step_time.py.
+# In optax's update the kernel writes the update of leaves up to this many
+# elements; of larger ones only the moments, in place, and XLA computes the
+# param in one pass with apply_updates' add.  The kernel's update needs a
+# buffer of its own, which XLA:CPU allocates per call, from fresh pages once it
+# is large; small leaves save XLA a program each.  Measured: benchmarks/step_time.py.
 _UPDATE_KERNEL_MAX_SIZE = 1 << 16
+
+
+def _kernel_mode(optax_update: bool, size: int) -> str:
+    if not optax_update:
+        return "in_place"
+    return "update" if size <= _UPDATE_KERNEL_MAX_SIZE else "moments"
+
+
+def _new_param(p, m, v, vmax, scalars, *, eps, decay, decay_rounding, amsgrad, grad=None):
+    """``p_new`` from ``p`` and the new moments (``grad`` too for nesterov): torch's kernel, op for op.
+
+    The -0.0 comes from the new exp_avg, not the gradient, so that XLA:CPU's
+    pass computing the param reads p, m and v only (16 B/param, not 20); it is
+    NaN where m is, and torch's p is NaN there too.
+    """
+    opmath = _opmath_dtype(p.dtype)
+    p, m, v = (x.astype(opmath) for x in (p, m, v))
+    neg_zero = -jnp.minimum(jnp.abs(m), 0)  # -0.0 that XLA cannot fold (see the module docstring)
+    if decay:
+        # decay_rounding="precise": p - (lr*wd)*p rounds lr*wd instead of 1 - lr*wd, an error ~1e-5 times smaller.
+        p = p * scalars.decay + neg_zero if decay_rounding == "torch" else p - scalars.lr_wd * p
+    v_hat = vmax.astype(opmath) if amsgrad else v
+    denom = jnp.sqrt(v_hat) / (scalars.bias_correction2_sqrt + neg_zero) + _as_scalar(eps, opmath)
+    if scalars.nesterov_m is not None:  # optax's nesterov, not torch's AdamW
+        return p + (scalars.nesterov_m * m + scalars.nesterov_g * grad.astype(opmath)) / denom
+    return p + (scalars.step_size_neg * m) / denom
 
 
 def _use_kernel(kernel: str) -> bool:
@@ -795,11 +804,11 @@ def adamw(
         without communication); ``"cpu"`` sends float32 leaves to a one-pass
         C++ kernel through ``jax.ffi`` (built on first use; ~3x less memory
         traffic than XLA:CPU's fusions); ``"auto"`` (default) uses the kernel on
-        a single-device CPU backend when it builds: for every float32 leaf in
-        the exact step (:func:`apply_exact`), for leaves of up to 65,536
-        elements in optax's ``update`` (a larger leaf's update would need a
-        fresh buffer per call: XLA's in-place passes are faster there).  The
-        two agree bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
+        a single-device CPU backend when it builds.  In optax's ``update`` it
+        writes the update of leaves up to 65,536 elements, and only the
+        moments of larger ones, whose param XLA computes in one pass with
+        ``optax.apply_updates``' add (their update would need a fresh buffer
+        per call).  The two agree bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
         ``mu_dtype`` other than float32 take the XLA path.
       mu_dtype: the dtype the first moment is stored in (optax's memory saver,
         e.g. ``jnp.bfloat16``); None: the params' dtype.  The step computes in

@@ -78,19 +78,6 @@ def _adamw_states(tree) -> list[tuple[AdamWState, dict | None]]:
     return found
 
 
-def _new_param(p, m, v, vmax, scalars, *, eps, decay, decay_rounding, amsgrad):
-    """``p_new`` from ``p`` and the new moments, with the operations and rounding of ``_adamw._leaf_formula``."""
-    opmath = _adamw._opmath_dtype(p.dtype)
-    p, m, v = (x.astype(opmath) for x in (p, m, v))
-    # -0.0 that XLA cannot fold (NaN only where m is NaN, and then torch's p is NaN too).
-    neg_zero = -jnp.minimum(jnp.abs(m), 0)
-    if decay:
-        p = p * scalars.decay + neg_zero if decay_rounding == "torch" else p - scalars.lr_wd * p
-    v_hat = vmax.astype(opmath) if amsgrad else v
-    denom = jnp.sqrt(v_hat) / (scalars.bias_correction2_sqrt + neg_zero) + _adamw._as_scalar(eps, opmath)
-    return p + (scalars.step_size_neg * m) / denom
-
-
 def _same_bits_or_tiny(x, y):
     """x == y, NaN equal to NaN, values below the smallest normal taken as 0 (XLA:CPU may flush them)."""
     tiny = jnp.finfo(x.dtype).tiny
@@ -206,9 +193,9 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
                                                             options["weight_decay"], old.count, t, opmath)
         weight_decay = options["weight_decay"]
         decay = decay_flags[j] and (_adamw._is_traced(weight_decay) or weight_decay != 0)
-        stepped = _new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath], eps=options["eps"],
-                             decay=decay, decay_rounding=options["decay_rounding"],
-                             amsgrad=options["amsgrad"]).astype(p.dtype)
+        stepped = _adamw._new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath],
+                                    eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
+                                    amsgrad=options["amsgrad"]).astype(p.dtype)
         new_leaves[i] = jnp.where(applied, stepped, p)
         if jnp.result_type(u) != p.dtype:
             raise TypeError(f"apply_exact: the update of parameter {keys[i]} has dtype {jnp.result_type(u)}, "

@@ -1,12 +1,11 @@
 """Exact steps for Flax's training-loop containers, and the fast way to call them.
 
 ``nnx.Optimizer.update`` and linen's ``TrainState.apply_gradients`` run
-``tx.update`` then ``optax.apply_updates``: on the CPU three passes over
-memory for a large leaf, 40 bytes per float32 parameter, as for
-``optax.adamw`` (XLA computes the moments, then the new param and its update
-``p_new - p`` that ``apply_updates`` adds back in the same pass), and
-``p + (p_new - p)`` can lose low bits near zero.  The exact step writes ``p_new`` itself, 28 bytes
-per parameter, torch's result bit for bit:
+``tx.update`` then ``optax.apply_updates``: on the CPU two passes over memory
+for a large leaf, 36 bytes per float32 parameter (the kernel updates the
+moments in place; XLA computes the new param and ``p + (p_new - p)`` in one
+pass), and ``p + (p_new - p)`` can lose low bits near zero.  The exact step
+writes ``p_new`` itself, 28 bytes per parameter, torch's result bit for bit:
 
 * nnx: :class:`jax_impl.ExactOptimizer` in place of ``nnx.Optimizer``;
 * linen: :func:`apply_gradients_exact` in place of ``state.apply_gradients``.
@@ -34,7 +33,7 @@ def apply_gradients_exact(state: Any, *, grads: Any, **kwargs) -> Any:
     Same signature and result as ``state.apply_gradients(grads=grads)`` (step
     incremented, params and opt_state replaced, ``kwargs`` replaced too), but
     the params are torch's bit for bit and the step moves 28 B/param instead of
-    40.  ``state.tx`` must be a :func:`jax_impl.adamw` transformation.  Jit it
+    36.  ``state.tx`` must be a :func:`jax_impl.adamw` transformation.  Jit it
     with the state donated::
 
         @functools.partial(jax.jit, donate_argnums=0)

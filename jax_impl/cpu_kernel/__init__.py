@@ -81,30 +81,37 @@ def available() -> bool:
     return True
 
 
+MODES = {"in_place": 0, "update": 1, "moments": 2}  # adamw_kernel.cc's Mode
+
+
 def step(leaves, scalars, tails, *, b1: float, b2: float, eps: float, maximize: bool, decay: bool, amsgrad: bool,
-         write_update: bool = False):
+         mode: str = "in_place"):
     """New (param, exp_avg, exp_avg_sq, max_exp_avg_sq) for each leaf, in one call, in place of the inputs.
 
     ``leaves``: (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None) per
     float32 leaf; ``tails``: per leaf, the flat positions of torch's scalar tail.
-    ``write_update``: instead of the new param, its optax update ``p_new - p``
-    (float32, bitwise the XLA path's subtraction) in a new buffer; the params
-    are only read, so XLA need not copy them to keep the caller's.
+    ``mode``: ``"in_place"`` (the new param over the old); ``"update"`` (instead
+    of the new param, its optax update ``p_new - p``, float32, bitwise the XLA
+    path's subtraction, in a new buffer; the params are only read, so XLA need
+    not copy them to keep the caller's); ``"moments"`` (no param: None in its
+    place, for XLA to compute it from the new moments).
     """
     per_leaf = 5 if amsgrad else 4
+    first = 1 if mode == "moments" else 0  # the first of (param, exp_avg, exp_avg_sq, max) returned
     args, results, aliases = [scalars], [], {}
     for param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq in leaves:
         base = len(args)
         args += [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
-        for k, source in enumerate((0, 2, 3, 4)[:per_leaf - 1]):
-            if not (write_update and source == 0):
+        for k, source in enumerate((0, 2, 3, 4)[first:per_leaf - 1]):
+            if not (mode == "update" and source == 0):
                 aliases[base + source] = len(results) + k
-        results += [jax.ShapeDtypeStruct(param.shape, param.dtype)] * (per_leaf - 1)
+        results += [jax.ShapeDtypeStruct(param.shape, param.dtype)] * (per_leaf - 1 - first)
     offsets = np.cumsum([0] + [len(t) for t in tails]).astype(np.int64)
     flat_tails = np.concatenate([np.asarray(t, np.int64) for t in tails]) if tails else np.zeros(0, np.int64)
     call = jax.ffi.ffi_call("jax_impl_adamw", results, input_output_aliases=aliases)
     out = call(*args, weight=np.float32(1 - b1), b2=np.float32(b2), coefficient2=np.float32(1 - b2),
                eps=np.float32(eps), maximize=bool(maximize), decay=bool(decay), amsgrad=bool(amsgrad),
-               write_update=bool(write_update), tail_offsets=offsets, tails=flat_tails)
-    k = per_leaf - 1
-    return [tuple(out[i * k:(i + 1) * k]) + ((None,) if not amsgrad else ()) for i in range(len(leaves))]
+               mode=np.int32(MODES[mode]), tail_offsets=offsets, tails=flat_tails)
+    k = per_leaf - 1 - first
+    return [(None,) * first + tuple(out[i * k:(i + 1) * k]) + ((None,) if not amsgrad else ())
+            for i in range(len(leaves))]

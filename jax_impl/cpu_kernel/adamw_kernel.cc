@@ -2,18 +2,17 @@
 //
 // It reads params, grads and both moments once and writes params and both
 // moments in place (28 bytes per parameter), where XLA:CPU's own fusions make
-// three passes.  With the attribute "write_update" it leaves the params alone
-// and writes the optax update p_new - p into a buffer of its own instead (the
-// same 28 bytes): the params are not copied to be overwritten, and
-// optax.apply_updates adds the update back in one more pass.  (Writing the
-// update over the gradient instead saves XLA's fresh buffer, which page-faults
-// on every step, where the gradient dies in the same program, but costs a copy
-// of the gradient where it is an argument of the jitted update: measured, the
-// standalone update went from 1.6x to 2.0x torch's step, so the update has its
-// own buffer.)  Every operation is the one jax_impl's XLA path performs, in the
-// same order and with the same rounding (explicit std::fma where that path
-// fuses, nothing else contracted: built with -ffp-contract=off), so the two
-// paths agree bit for bit, and both agree with torch's fused CPU kernel.
+// three passes.  The attribute "mode" picks what it writes besides the moments:
+// the new params in place (0, the exact step), the optax update p_new - p into
+// a buffer of its own with the params only read (1: small leaves of optax's
+// update), or nothing (2: large leaves of optax's update, whose new param XLA
+// computes from the new moments in the same pass as apply_updates' add: 20 + 16
+// bytes per parameter and no buffer allocated per call, where mode 1 needs a
+// fresh one, which page-faults once it is large).  Every operation is the one
+// jax_impl's XLA path performs, in the same order and with the same rounding
+// (explicit std::fma where that path fuses, nothing else contracted: built
+// with -ffp-contract=off), so the two paths agree bit for bit, and both agree
+// with torch's fused CPU kernel.
 //
 // One call updates many leaves (all float32 leaves with the same decay flag),
 // split into chunks for XLA's intra-op thread pool.  Scalars (f32[3]): decay
@@ -81,14 +80,21 @@ inline void Element(float& p, float g, float& m, float& v, float* vmax, const Sc
   p = p + (s.step_size_neg * m) / denom;
 }
 
-// kUpdate: p_in is only read and out gets p_new - p; otherwise the new param
-// goes to p_in itself (out is unused).
-template <bool kTail, bool kAmsgrad, bool kUpdate, bool kMaximize, bool kDecay, bool kLerpSmall>
+// What a step writes besides the moments: the new param in place of the old
+// (kInPlace), the update p_new - p into out with p_in only read
+// (kWriteUpdate), or nothing (kMomentsOnly: p_in unused, the param left to XLA).
+enum Mode { kInPlace = 0, kWriteUpdate = 1, kMomentsOnly = 2 };
+
+template <bool kTail, bool kAmsgrad, int kMode, bool kMaximize, bool kDecay, bool kLerpSmall>
 void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict g, float* __restrict m,
           float* __restrict v, float* __restrict vmax, const Scalars s, const Options o, int64_t begin,
           int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    if (kUpdate) {
+    if (kMode == kMomentsOnly) {
+      float p = 0.0f;  // computed and dropped: the compiler removes the param's arithmetic
+      Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p, g[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr,
+                                                               s, o);
+    } else if (kMode == kWriteUpdate) {
       float p = p_in[i];
       Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p, g[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr,
                                                                s, o);
@@ -101,10 +107,10 @@ void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict
 }
 
 // Instantiates the loop for the runtime flags, so each variant vectorizes without branches.
-template <bool kTail, bool kAmsgrad, bool kUpdate>
+template <bool kTail, bool kAmsgrad, int kMode>
 void Range(float* p, float* out, const float* g, float* m, float* v, float* vmax, const Scalars s,
            const Options o, int64_t begin, int64_t end) {
-#define JAX_IMPL_LOOP(a, b, c) Loop<kTail, kAmsgrad, kUpdate, a, b, c>(p, out, g, m, v, vmax, s, o, begin, end)
+#define JAX_IMPL_LOOP(a, b, c) Loop<kTail, kAmsgrad, kMode, a, b, c>(p, out, g, m, v, vmax, s, o, begin, end)
   const int flags = (o.maximize ? 4 : 0) | (o.decay ? 2 : 0) | (o.lerp_small ? 1 : 0);
   switch (flags) {
     case 0: JAX_IMPL_LOOP(false, false, false); break;
@@ -120,8 +126,8 @@ void Range(float* p, float* out, const float* g, float* m, float* v, float* vmax
 }
 
 struct Leaf {
-  float* p;    // the params: updated in place, or (write_update) only read
-  float* out;  // write_update: the update p_new - p; else nullptr
+  float* p;    // the params: updated in place, or (kWriteUpdate) only read, or (kMomentsOnly) unused
+  float* out;  // kWriteUpdate: the update p_new - p; else nullptr
   const float* g;
   float* m;
   float* v;
@@ -133,7 +139,7 @@ struct Item {
   int64_t leaf, begin, end;
 };
 
-template <bool kAmsgrad, bool kUpdate>
+template <bool kAmsgrad, int kMode>
 void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int64_t* tail_offsets,
           const int64_t* tails, ffi::ThreadPool* pool) {
   // The tails' inputs, before the vector pass overwrites them.
@@ -169,7 +175,7 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
     for (int64_t c; (c = shared->next.fetch_add(1)) < items;) {
       const Item& item = shared->items[c];
       const Leaf& leaf = shared->leaves[item.leaf];
-      Range<false, kAmsgrad, kUpdate>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, item.begin,
+      Range<false, kAmsgrad, kMode>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, item.begin,
                                       item.end);
       shared->done.fetch_add(1, std::memory_order_release);
     }
@@ -188,22 +194,28 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
     const Leaf& leaf = shared->leaves[l];
     for (int64_t j = tail_offsets[l]; j < tail_offsets[l + 1]; ++j) {
       const int64_t i = tails[j];
-      if (!kUpdate) leaf.p[i] = saved[4 * j];
+      if (kMode == kInPlace) leaf.p[i] = saved[4 * j];
       leaf.m[i] = saved[4 * j + 1], leaf.v[i] = saved[4 * j + 2];
       if (kAmsgrad) leaf.x[i] = saved[4 * j + 3];
-      Range<true, kAmsgrad, kUpdate>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, i, i + 1);
+      Range<true, kAmsgrad, kMode>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, i, i + 1);
     }
   }
 }
 
 // Arguments: scalars, then per leaf param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq];
-// results per leaf: param (write_update: the update), exp_avg, exp_avg_sq[, max_exp_avg_sq],
-// aliased to those inputs (write_update: all but the update).
+// results per leaf: the param (kWriteUpdate: the update; kMomentsOnly: none),
+// exp_avg, exp_avg_sq[, max_exp_avg_sq], aliased to those inputs (kWriteUpdate:
+// all but the update).
 ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, float weight, float b2, float coefficient2, float eps, bool maximize,
-                     bool decay, bool amsgrad, bool write_update, ffi::Span<const int64_t> tail_offsets,
+                     bool decay, bool amsgrad, int32_t mode, ffi::Span<const int64_t> tail_offsets,
                      ffi::Span<const int64_t> tails) {
-  const size_t in_per_leaf = amsgrad ? 5 : 4, out_per_leaf = amsgrad ? 4 : 3;
+  if (mode != kInPlace && mode != kWriteUpdate && mode != kMomentsOnly) {
+    return ffi::Error::InvalidArgument("jax_impl_adamw: unknown mode");
+  }
+  const size_t in_per_leaf = amsgrad ? 5 : 4;
+  const size_t first = mode == kMomentsOnly ? 1 : 0;  // the first of (param, exp_avg, exp_avg_sq, max) returned
+  const size_t out_per_leaf = (amsgrad ? 4 : 3) - first;
   const size_t count = args.size() / in_per_leaf;
   if (args.size() != count * in_per_leaf || rets.size() != count * out_per_leaf ||
       tail_offsets.size() != count + 1) {
@@ -218,33 +230,35 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
       in[k] = buffer->typed_data();
       if (k == 0) leaves[l].n = static_cast<int64_t>(buffer->element_count());
     }
-    float* out[4] = {nullptr, nullptr, nullptr, nullptr};
-    for (size_t k = 0; k < out_per_leaf; ++k) {
-      auto buffer = rets.get<ffi::Buffer<ffi::F32>>(l * out_per_leaf + k);
+    float* out[4] = {nullptr, nullptr, nullptr, nullptr};  // param (or update), exp_avg, exp_avg_sq, max
+    for (size_t k = first; k < first + out_per_leaf; ++k) {
+      auto buffer = rets.get<ffi::Buffer<ffi::F32>>(l * out_per_leaf + k - first);
       if (buffer.has_error()) return buffer.error();
       out[k] = (*buffer)->typed_data();
     }
     // Results alias the inputs (input_output_aliases); copy where XLA chose otherwise.
     const size_t source[4] = {0, 2, 3, 4};
-    for (size_t k = write_update ? 1 : 0; k < out_per_leaf; ++k) {
+    for (size_t k = mode == kInPlace ? 0 : 1; k < first + out_per_leaf; ++k) {
       if (out[k] != in[source[k]]) std::copy_n(in[source[k]], leaves[l].n, out[k]);
     }
-    leaves[l].p = write_update ? in[0] : out[0], leaves[l].out = write_update ? out[0] : nullptr;
+    leaves[l].p = mode == kInPlace ? out[0] : in[0], leaves[l].out = mode == kWriteUpdate ? out[0] : nullptr;
     leaves[l].g = in[1], leaves[l].m = out[1], leaves[l].v = out[2];
     leaves[l].x = amsgrad ? out[3] : nullptr;
   }
   const Options o = MakeOptions(weight, b2, coefficient2, eps, maximize, decay);
   const Scalars s{scalars.typed_data()[0], scalars.typed_data()[1], scalars.typed_data()[2]};
   const int64_t* offsets = tail_offsets.begin();
-  if (amsgrad && write_update) {
-    Step<true, true>(std::move(leaves), s, o, offsets, tails.begin(), &pool);
-  } else if (amsgrad) {
-    Step<true, false>(std::move(leaves), s, o, offsets, tails.begin(), &pool);
-  } else if (write_update) {
-    Step<false, true>(std::move(leaves), s, o, offsets, tails.begin(), &pool);
+#define JAX_IMPL_STEP(a, m) Step<a, m>(std::move(leaves), s, o, offsets, tails.begin(), &pool)
+  if (amsgrad) {
+    if (mode == kInPlace) JAX_IMPL_STEP(true, kInPlace);
+    else if (mode == kWriteUpdate) JAX_IMPL_STEP(true, kWriteUpdate);
+    else JAX_IMPL_STEP(true, kMomentsOnly);
   } else {
-    Step<false, false>(std::move(leaves), s, o, offsets, tails.begin(), &pool);
+    if (mode == kInPlace) JAX_IMPL_STEP(false, kInPlace);
+    else if (mode == kWriteUpdate) JAX_IMPL_STEP(false, kWriteUpdate);
+    else JAX_IMPL_STEP(false, kMomentsOnly);
   }
+#undef JAX_IMPL_STEP
   return ffi::Error::Success();
 }
 
@@ -263,6 +277,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxImplAdamW, AdamWImpl,
                                   .Attr<bool>("maximize")
                                   .Attr<bool>("decay")
                                   .Attr<bool>("amsgrad")
-                                  .Attr<bool>("write_update")
+                                  .Attr<int32_t>("mode")
                                   .Attr<ffi::Span<const int64_t>>("tail_offsets")
                                   .Attr<ffi::Span<const int64_t>>("tails"));
