@@ -804,12 +804,13 @@ def adamw(
         without communication); ``"cpu"`` sends float32 leaves to a one-pass
         C++ kernel through ``jax.ffi`` (built on first use; ~3x less memory
         traffic than XLA:CPU's fusions); ``"auto"`` (default) uses the kernel on
-        a single-device CPU backend when it builds.  In optax's ``update`` it
-        writes the update of leaves up to 65,536 elements, and only the
-        moments of larger ones, whose param XLA computes in one pass with
-        ``optax.apply_updates``' add (their update would need a fresh buffer
-        per call).  The two agree bit for bit.  Injected (traced) b1, b2 or eps, ``nesterov`` and a
-        ``mu_dtype`` other than float32 take the XLA path.
+        a single-device CPU backend when it builds, else XLA.  In optax's
+        ``update`` the kernel writes the update of leaves up to 65,536
+        elements, and only the moments of larger ones, whose param XLA
+        computes in one pass with ``optax.apply_updates``' add (their update
+        would need a fresh buffer per call).  The two agree bit for bit.
+        Injected (traced) b1, b2 or eps, ``nesterov`` and a ``mu_dtype`` other
+        than float32 take the XLA path.
       mu_dtype: the dtype the first moment is stored in (optax's memory saver,
         e.g. ``jnp.bfloat16``); None: the params' dtype.  The step computes in
         float32 (float64 for float64 params) either way.
