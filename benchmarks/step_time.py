@@ -290,66 +290,58 @@ def _optax_adamw():
     return optax.adamw(1e-3, weight_decay=1e-2)
 
 
-IMPLS: dict[str, Callable] = {
-    "jax_impl.adamw": lambda sh, dt, dev: jax_bench("jax_impl.adamw", jax_impl.adamw(), sh, dt, "exact"),
-    "jax_impl.adamw[xla]": lambda sh, dt, dev: jax_bench("jax_impl.adamw[xla]", jax_impl.adamw(kernel="xla"), sh,
-                                                         dt, "exact"),
-    "jax_impl.adamw (10 steps per jit call)": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw (10 steps per jit call)", jax_impl.adamw(), sh, dt, "exact", 10),
-    "jax_impl.adamw (10 dispatches per wait)": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw (10 dispatches per wait)", jax_impl.adamw(), sh, dt, "exact", dispatches=10),
-    "jax_impl.adamw (flat buffers)": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw (flat buffers)", lambda layout: jax_impl.adamw(**layout.adamw_options()), sh, dt, "exact",
-        flat=True),
+# Each row's builder gets its own name first: IMPLS[name](shapes, dtype, device).
+_ROWS: dict[str, Callable[..., Bench]] = {
+    "jax_impl.adamw": lambda name, sh, dt, dev: jax_bench(name, jax_impl.adamw(), sh, dt, "exact"),
+    "jax_impl.adamw[xla]": lambda name, sh, dt, dev: jax_bench(name, jax_impl.adamw(kernel="xla"), sh, dt, "exact"),
+    "jax_impl.adamw (10 steps per jit call)": lambda name, sh, dt, dev: jax_bench(
+        name, jax_impl.adamw(), sh, dt, "exact", 10),
+    "jax_impl.adamw (10 dispatches per wait)": lambda name, sh, dt, dev: jax_bench(
+        name, jax_impl.adamw(), sh, dt, "exact", dispatches=10),
+    "jax_impl.adamw (flat buffers)": lambda name, sh, dt, dev: jax_bench(
+        name, lambda layout: jax_impl.adamw(**layout.adamw_options()), sh, dt, "exact", flat=True),
     # Whose rounding the XLA path follows (the default, "auto", is torch-cuda on a GPU, torch-cpu elsewhere):
     # the cost of the CUDA model's float64 arithmetic against plain float32.
-    "jax_impl.adamw[xla; torch-cuda rounding]": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw[xla; torch-cuda rounding]", jax_impl.adamw(kernel="xla", rounding="torch-cuda"), sh, dt,
-        "exact"),
-    "jax_impl.adamw[xla; torch-cpu rounding]": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw[xla; torch-cpu rounding]", jax_impl.adamw(kernel="xla", rounding="torch-cpu"), sh, dt,
-        "exact"),
-    "jax_impl.adamw+apply_updates": lambda sh, dt, dev: jax_bench("jax_impl.adamw+apply_updates", jax_impl.adamw(),
-                                                                  sh, dt, "updates"),
+    "jax_impl.adamw[xla; torch-cuda rounding]": lambda name, sh, dt, dev: jax_bench(
+        name, jax_impl.adamw(kernel="xla", rounding="torch-cuda"), sh, dt, "exact"),
+    "jax_impl.adamw[xla; torch-cpu rounding]": lambda name, sh, dt, dev: jax_bench(
+        name, jax_impl.adamw(kernel="xla", rounding="torch-cpu"), sh, dt, "exact"),
+    "jax_impl.adamw+apply_updates": lambda name, sh, dt, dev: jax_bench(name, jax_impl.adamw(), sh, dt, "updates"),
     # optax's update with XLA's three passes for every leaf (the default gives the kernel the moments).
-    "jax_impl.adamw[xla]+apply_updates": lambda sh, dt, dev: jax_bench(
-        "jax_impl.adamw[xla]+apply_updates", jax_impl.adamw(kernel="xla"), sh, dt, "updates"),
-    "optax.adamw": lambda sh, dt, dev: jax_bench("optax.adamw", _optax_adamw(), sh, dt, "updates"),
-    "nnx.Optimizer(jax_impl.adamw) [nnx.jit]": lambda sh, dt, dev: nnx_bench(
-        "nnx.Optimizer(jax_impl.adamw) [nnx.jit]", jax_impl.adamw(), sh, dt, "nnx", "nnx.jit"),
-    "nnx.Optimizer(jax_impl.adamw) [split]": lambda sh, dt, dev: nnx_bench(
-        "nnx.Optimizer(jax_impl.adamw) [split]", jax_impl.adamw(), sh, dt, "nnx", "split"),
-    "nnx.Optimizer(optax.adamw) [split]": lambda sh, dt, dev: nnx_bench(
-        "nnx.Optimizer(optax.adamw) [split]", _optax_adamw(), sh, dt, "nnx", "split"),
-    "ExactOptimizer [split]": lambda sh, dt, dev: nnx_bench(
-        "ExactOptimizer [split]", jax_impl.adamw(), sh, dt, "exact", "split"),
-    "nnx.Optimizer(jax_impl.adamw) [leaves]": lambda sh, dt, dev: nnx_bench(
-        "nnx.Optimizer(jax_impl.adamw) [leaves]", jax_impl.adamw(), sh, dt, "nnx", "leaves"),
-    "nnx.Optimizer(optax.adamw) [leaves]": lambda sh, dt, dev: nnx_bench(
-        "nnx.Optimizer(optax.adamw) [leaves]", _optax_adamw(), sh, dt, "nnx", "leaves"),
-    "ExactOptimizer [leaves]": lambda sh, dt, dev: nnx_bench(
-        "ExactOptimizer [leaves]", jax_impl.adamw(), sh, dt, "exact", "leaves"),
-    "ExactOptimizer [cached_partial]": lambda sh, dt, dev: nnx_bench(
-        "ExactOptimizer [cached_partial]", jax_impl.adamw(), sh, dt, "exact", "cached_partial"),
-    "TrainState.apply_gradients(jax_impl.adamw)": lambda sh, dt, dev: train_state_bench(
-        "TrainState.apply_gradients(jax_impl.adamw)", jax_impl.adamw(), sh, dt, False),
-    "TrainState.apply_gradients(optax.adamw)": lambda sh, dt, dev: train_state_bench(
-        "TrainState.apply_gradients(optax.adamw)", _optax_adamw(), sh, dt, False),
-    "jax_impl.apply_gradients_exact(TrainState)": lambda sh, dt, dev: train_state_bench(
-        "jax_impl.apply_gradients_exact(TrainState)", jax_impl.adamw(), sh, dt, True),
-    "torch.optim.AdamW(fused)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(fused)", torch.optim.AdamW,
-                                                                "fused", sh, dt, dev),
-    "torch.optim.AdamW(foreach)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(foreach)", torch.optim.AdamW,
-                                                                  "foreach", sh, dt, dev),
-    "torch.optim.AdamW(for-loop)": lambda sh, dt, dev: torch_bench("torch.optim.AdamW(for-loop)",
-                                                                   torch.optim.AdamW, "for-loop", sh, dt, dev),
-    "torch_impl.AdamW(fused)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(fused)", torch_impl.AdamW,
-                                                               "fused", sh, dt, dev),
-    "torch_impl.AdamW(foreach)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(foreach)", torch_impl.AdamW,
-                                                                 "foreach", sh, dt, dev),
-    "torch_impl.AdamW(for-loop)": lambda sh, dt, dev: torch_bench("torch_impl.AdamW(for-loop)", torch_impl.AdamW,
-                                                                  "for-loop", sh, dt, dev),
+    "jax_impl.adamw[xla]+apply_updates": lambda name, sh, dt, dev: jax_bench(
+        name, jax_impl.adamw(kernel="xla"), sh, dt, "updates"),
+    "optax.adamw": lambda name, sh, dt, dev: jax_bench(name, _optax_adamw(), sh, dt, "updates"),
+    "nnx.Optimizer(jax_impl.adamw) [nnx.jit]": lambda name, sh, dt, dev: nnx_bench(
+        name, jax_impl.adamw(), sh, dt, "nnx", "nnx.jit"),
+    "nnx.Optimizer(jax_impl.adamw) [split]": lambda name, sh, dt, dev: nnx_bench(
+        name, jax_impl.adamw(), sh, dt, "nnx", "split"),
+    "nnx.Optimizer(optax.adamw) [split]": lambda name, sh, dt, dev: nnx_bench(
+        name, _optax_adamw(), sh, dt, "nnx", "split"),
+    "ExactOptimizer [split]": lambda name, sh, dt, dev: nnx_bench(name, jax_impl.adamw(), sh, dt, "exact", "split"),
+    "nnx.Optimizer(jax_impl.adamw) [leaves]": lambda name, sh, dt, dev: nnx_bench(
+        name, jax_impl.adamw(), sh, dt, "nnx", "leaves"),
+    "nnx.Optimizer(optax.adamw) [leaves]": lambda name, sh, dt, dev: nnx_bench(
+        name, _optax_adamw(), sh, dt, "nnx", "leaves"),
+    "ExactOptimizer [leaves]": lambda name, sh, dt, dev: nnx_bench(name, jax_impl.adamw(), sh, dt, "exact", "leaves"),
+    "ExactOptimizer [cached_partial]": lambda name, sh, dt, dev: nnx_bench(
+        name, jax_impl.adamw(), sh, dt, "exact", "cached_partial"),
+    "TrainState.apply_gradients(jax_impl.adamw)": lambda name, sh, dt, dev: train_state_bench(
+        name, jax_impl.adamw(), sh, dt, False),
+    "TrainState.apply_gradients(optax.adamw)": lambda name, sh, dt, dev: train_state_bench(
+        name, _optax_adamw(), sh, dt, False),
+    "jax_impl.apply_gradients_exact(TrainState)": lambda name, sh, dt, dev: train_state_bench(
+        name, jax_impl.adamw(), sh, dt, True),
+    "torch.optim.AdamW(fused)": lambda name, sh, dt, dev: torch_bench(name, torch.optim.AdamW, "fused", sh, dt, dev),
+    "torch.optim.AdamW(foreach)": lambda name, sh, dt, dev: torch_bench(
+        name, torch.optim.AdamW, "foreach", sh, dt, dev),
+    "torch.optim.AdamW(for-loop)": lambda name, sh, dt, dev: torch_bench(
+        name, torch.optim.AdamW, "for-loop", sh, dt, dev),
+    "torch_impl.AdamW(fused)": lambda name, sh, dt, dev: torch_bench(name, torch_impl.AdamW, "fused", sh, dt, dev),
+    "torch_impl.AdamW(foreach)": lambda name, sh, dt, dev: torch_bench(name, torch_impl.AdamW, "foreach", sh, dt, dev),
+    "torch_impl.AdamW(for-loop)": lambda name, sh, dt, dev: torch_bench(
+        name, torch_impl.AdamW, "for-loop", sh, dt, dev),
 }
+IMPLS: dict[str, Callable] = {name: functools.partial(make, name) for name, make in _ROWS.items()}
 
 
 COPY = "(device-to-device copy)"
