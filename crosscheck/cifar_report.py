@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from crosscheck.cifar_parity import Result
-from crosscheck.report import strict_json, write_files
+from crosscheck.report import strict_json, write_report
 
 
 def markdown(result: Result) -> str:
@@ -88,27 +88,13 @@ def figure(result: Result):
 
 
 def plot(result: Result, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(result)
-    try:
-        write_files({Path(path): lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
-    finally:
-        plt.close(fig)
+    write_report({}, path, figure(result))
 
 
 def write(result: Result, out_dir: Path) -> list[Path]:
     """report.json (strict JSON), report.md and cifar10.png, renamed into place together."""
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "cifar10.png"]
     text_json, text_md = strict_json({"passed": result.passed, **asdict(result)}), markdown(result)
-    fig = figure(result)
-    try:
-        write_files({paths[0]: lambda tmp: Path(tmp).write_text(text_json),
-                     paths[1]: lambda tmp: Path(tmp).write_text(text_md),
-                     paths[2]: lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
-    finally:
-        plt.close(fig)
+    write_report({paths[0]: text_json, paths[1]: text_md}, paths[2], figure(result))
     return paths

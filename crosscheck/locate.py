@@ -445,7 +445,7 @@ def write_report(divergence: Divergence, directory, title: str = "port check", c
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crosscheck.report import strict_json, write_files
+    from crosscheck.report import strict_json, write_report
 
     directory = Path(directory)
     data = {"title": title, **divergence.to_json(), **({"checks": checks} if checks else {})}
@@ -464,10 +464,5 @@ def write_report(divergence: Divergence, directory, title: str = "port check", c
     ax.legend()
     fig.tight_layout()
     paths = [directory / n for n in ("report.md", "report.json", "errors.png")]
-    try:
-        write_files({paths[0]: lambda tmp: Path(tmp).write_text(text_md),
-                     paths[1]: lambda tmp: Path(tmp).write_text(text_json),
-                     paths[2]: lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
-    finally:
-        plt.close(fig)
+    write_report({paths[0]: text_md, paths[1]: text_json}, paths[2], fig)
     return paths

@@ -244,7 +244,7 @@ def _write(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crosscheck.report import strict_json, write_files
+    from crosscheck.report import strict_json, write_report
 
     text_json, text_md = strict_json(rows), markdown(rows) + "\n"
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1))
@@ -254,10 +254,5 @@ def _write(rows: list[dict], out: Path) -> None:
     ax.set_xlabel("max ulps vs torch (0 drawn as 0.5: bitwise)")
     ax.invert_yaxis()
     fig.tight_layout()
-    try:
-        write_files({out / "report.json": lambda tmp: Path(tmp).write_text(text_json),
-                     out / "report.md": lambda tmp: Path(tmp).write_text(text_md),
-                     out / "recipes.png": lambda tmp: fig.savefig(tmp, dpi=100, format="png")})
-    finally:
-        plt.close(fig)
+    write_report({out / "report.json": text_json, out / "report.md": text_md}, out / "recipes.png", fig)
 

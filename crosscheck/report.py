@@ -95,6 +95,18 @@ def _atomic_write(path: Path, write) -> None:
     write_files({Path(path): write})
 
 
+def write_report(texts: Mapping[Path, str], figure_path: Path, fig, dpi: int = 100) -> None:
+    """The ``texts`` and ``fig`` as a PNG, all renamed into place or none (:func:`write_files`); ``fig`` closed."""
+    import matplotlib.pyplot as plt
+
+    writers = {Path(path): (lambda tmp, text=text: Path(tmp).write_text(text)) for path, text in texts.items()}
+    writers[Path(figure_path)] = lambda tmp: fig.savefig(tmp, dpi=dpi, format="png")
+    try:
+        write_files(writers)
+    finally:
+        plt.close(fig)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
@@ -277,25 +289,12 @@ def figure(results: Sequence[TrajectoryResult]):
 
 
 def plot(results: Sequence[TrajectoryResult], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(results)
-    try:
-        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    write_report({}, path, figure(results), dpi=110)
 
 
 def write(results: Sequence[TrajectoryResult], out_dir: Path) -> dict[str, Path]:
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "trajectories.png"}
-    text_json, text_md, fig = strict_json(to_json(results)), markdown(results), figure(results)
-    try:
-        write_files({paths["json"]: lambda tmp: Path(tmp).write_text(text_json),
-                     paths["md"]: lambda tmp: Path(tmp).write_text(text_md),
-                     paths["png"]: lambda tmp: fig.savefig(tmp, dpi=110, format="png")})
-    finally:
-        plt.close(fig)
+    text_json, text_md = strict_json(to_json(results)), markdown(results)
+    write_report({paths["json"]: text_json, paths["md"]: text_md}, paths["png"], figure(results), dpi=110)
     return paths

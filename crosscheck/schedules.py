@@ -190,15 +190,9 @@ def figure(rows: list[dict]):
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib.pyplot as plt
+    from crosscheck.report import write_report
 
-    from crosscheck.report import write_files
-
-    fig = figure(rows)
-    try:
-        write_files({path: lambda tmp: fig.savefig(tmp, dpi=80, format="png")})
-    finally:
-        plt.close(fig)
+    write_report({}, path, figure(rows), dpi=80)
 
 
 def run(steps: int, out=None) -> tuple[list[dict], bool]:
@@ -216,22 +210,16 @@ def run(steps: int, out=None) -> tuple[list[dict], bool]:
     if out is not None:
         from pathlib import Path
 
-        import matplotlib.pyplot as plt
-
-        from crosscheck.report import OutputError, strict_json, write_files
+        from crosscheck.report import OutputError, strict_json, write_report
 
         out = Path(out)
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         text_json, text_md = strict_json({"passed": _passed(rows), "cases": public}), markdown(rows)
-        fig = figure(rows)
         try:
-            write_files({out / "report.json": lambda tmp: Path(tmp).write_text(text_json),
-                         out / "report.md": lambda tmp: Path(tmp).write_text(text_md),
-                         out / "schedules.png": lambda tmp: fig.savefig(tmp, dpi=80, format="png")})
+            write_report({out / "report.json": text_json, out / "report.md": text_md}, out / "schedules.png",
+                         figure(rows), dpi=80)
         except OSError as err:
             raise OutputError(f"--out {out}: cannot write the report ({err})") from None
-        finally:
-            plt.close(fig)
     return rows, _passed(rows)
 
 
