@@ -59,17 +59,22 @@ def torch_accumulation(inner: optax.GradientTransformation, every_k: int) -> opt
         # A select, not an add to zeros: keeps -0.0 and does not carry a NaN from the last window.
         acc = jax.tree.map(lambda g, a: jnp.where(first, g, a + g), updates, state.acc_grads)
         emit = state.mini_step == every_k - 1
-
-        def step(_):
-            return inner.update(acc, state.inner_opt_state, params, **extra_args)
-
-        def hold(_):
-            zero_updates, _ = jax.eval_shape(step, None)
-            return optax.tree.zeros_like(zero_updates), state.inner_opt_state
-
-        new_updates, inner_state = jax.lax.cond(emit, step, hold, None)
+        new_updates, inner_state = inner_update_if(emit, inner, acc, state.inner_opt_state, params, **extra_args)
         new_state = TorchAccumulationState(mini_step=(state.mini_step + 1) % every_k, acc_grads=acc,
                                            inner_opt_state=inner_state)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def inner_update_if(take, inner: optax.GradientTransformation, updates, inner_state, params, **extra_args):
+    """``inner.update`` where ``take`` (traced bool), else zero updates and ``inner_state`` unchanged: one lax.cond."""
+
+    def step(_):
+        return inner.update(updates, inner_state, params, **extra_args)
+
+    def hold(_):
+        zero_updates, _ = jax.eval_shape(step, None)
+        return optax.tree.zeros_like(zero_updates), inner_state
+
+    return jax.lax.cond(take, step, hold, None)

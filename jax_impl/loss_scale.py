@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_impl.accumulation import inner_update_if
+
 
 class GradScalerState(NamedTuple):
     """State of :func:`grad_scaler`: torch's ``GradScaler`` ``_scale`` and ``_growth_tracker``, and the inner state."""
@@ -76,14 +78,8 @@ def grad_scaler(inner: optax.GradientTransformation, init_scale: float = 2.0 ** 
         unscaled = jax.tree.map(lambda g, p: unscale(g).astype(jnp.result_type(p)) if p is not None else unscale(g),
                                 updates, params if params is not None else updates)
 
-        def step(_):
-            return inner.update(unscaled, state.inner_opt_state, params, **extra_args)
-
-        def skip(_):
-            shapes, _ = jax.eval_shape(step, None)
-            return optax.tree.zeros_like(shapes), state.inner_opt_state
-
-        new_updates, inner_state = jax.lax.cond(found_inf, skip, step, None)
+        new_updates, inner_state = inner_update_if(~found_inf, inner, unscaled, state.inner_opt_state, params,
+                                                   **extra_args)
         # torch._amp_update_scale_
         grown = state.growth_tracker + 1
         grow = ~found_inf & (grown == growth_interval)
