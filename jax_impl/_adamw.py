@@ -667,7 +667,7 @@ def _adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps,
     if delta is not None:
         # The kernel's "update" leaves hold their updates already (float32, as
         # delta gives float32 params); the others get theirs here.
-        written = set(sum((indices for (_, mode), indices in kernel_groups.items() if mode == "update"), []))
+        written = {i for (_, mode), indices in kernel_groups.items() if mode == "update" for i in indices}
         results = [r if i in written else (delta(r[0], param_leaves[i]), *r[1:]) for i, r in enumerate(results)]
 
     new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
