@@ -51,27 +51,36 @@ def _same_bits(a, b) -> bool:
     return True
 
 
-@pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
-def test_kernel_equals_xla_path(option):
-    rng = np.random.default_rng(0)
+def _mixed_scale_stream(seed: int, steps: int):
+    """Params for SHAPES and ``steps`` gradients of magnitudes 1e-6..1e2, with a NaN and an inf among them."""
+    rng = np.random.default_rng(seed)
     params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     grads = [[(rng.standard_normal(s) * 10.0 ** rng.uniform(-6, 2, s)).astype(np.float32) for s in SHAPES]
-             for _ in range(100)]
+             for _ in range(steps)]
     grads[7][5][3] = np.nan
     grads[9][6][0] = np.inf
+    return params, grads
+
+
+# Transposed leaves (torch's tail elsewhere) and a leaf big enough for the kernel's threads.
+LARGE_SHAPES = [(36, 3), (3, 3, 3, 5), ((1 << 18) + 5,)]
+LARGE_LAYOUT = [np.arange(108).reshape(3, 36).T, np.transpose(np.arange(135).reshape(5, 3, 3, 3), (2, 3, 1, 0)), None]
+
+
+@pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
+def test_kernel_equals_xla_path(option):
+    params, grads = _mixed_scale_stream(0, 100)
     assert _same_bits(_run("cpu", OPTIONS[option], grads, params), _run("xla", OPTIONS[option], grads, params))
 
 
 def test_kernel_with_torch_layout_and_large_leaves():
     """Transposed leaves (the tail elsewhere) and a leaf big enough for the kernel's threads."""
     rng = np.random.default_rng(1)
-    shapes = [(36, 3), (3, 3, 3, 5), (1 << 18) + 5]
-    shapes = [s if isinstance(s, tuple) else (s,) for s in shapes]
-    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    layout = [np.arange(108).reshape(3, 36).T, np.transpose(np.arange(135).reshape(5, 3, 3, 3), (2, 3, 1, 0)), None]
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(20)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in LARGE_SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in LARGE_SHAPES] for _ in range(20)]
     for option in ({}, {"amsgrad": True, "maximize": True}):
-        assert _same_bits(_run("cpu", option, grads, params, layout), _run("xla", option, grads, params, layout))
+        assert _same_bits(_run("cpu", option, grads, params, LARGE_LAYOUT),
+                          _run("xla", option, grads, params, LARGE_LAYOUT))
 
 
 def test_auto_uses_the_kernel_on_one_cpu_device():
@@ -104,26 +113,19 @@ def _run_updates(kernel: str, option: dict, grads, params, layout=None):
 @pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
 def test_kernel_updates_equal_xla_path(option):
     """The kernel in optax's update (small leaves write p_new - p, large ones their moments): the XLA path's bits."""
-    rng = np.random.default_rng(2)
-    params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
-    grads = [[(rng.standard_normal(s) * 10.0 ** rng.uniform(-6, 2, s)).astype(np.float32) for s in SHAPES]
-             for _ in range(30)]
-    grads[7][5][3] = np.nan
-    grads[9][6][0] = np.inf
+    params, grads = _mixed_scale_stream(2, 30)
     assert _same_bits(_run_updates("cpu", OPTIONS[option], grads, params),
                       _run_updates("xla", OPTIONS[option], grads, params))
 
 
 def test_kernel_updates_with_torch_layout_and_large_leaves():
     rng = np.random.default_rng(3)
-    shapes = [(36, 3), (3, 3, 3, 5), ((1 << 18) + 5,)]
-    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    layout = [np.arange(108).reshape(3, 36).T, np.transpose(np.arange(135).reshape(5, 3, 3, 3), (2, 3, 1, 0)), None]
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(10)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in LARGE_SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in LARGE_SHAPES] for _ in range(10)]
     grads[3][2][7], grads[5][2][100], grads[6][2][-1] = np.nan, np.inf, -np.inf  # the large leaf: moments mode
     for option in ({}, {"amsgrad": True, "maximize": True}, {"weight_decay": 0.0}):
-        assert _same_bits(_run_updates("cpu", option, grads, params, layout),
-                          _run_updates("xla", option, grads, params, layout))
+        assert _same_bits(_run_updates("cpu", option, grads, params, LARGE_LAYOUT),
+                          _run_updates("xla", option, grads, params, LARGE_LAYOUT))
 
 
 def test_update_reads_params_without_copying_them():
