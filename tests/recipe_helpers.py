@@ -36,6 +36,13 @@ def set_grads(tparams: dict, grads: dict) -> None:
         p.grad = torch.from_numpy(np.array(grads[k]))
 
 
+def add_grads(tparams: dict, grads: dict) -> None:
+    """What another backward() does: ``.grad`` written the first time, added to after."""
+    for k, p in tparams.items():
+        g = torch.from_numpy(grads[k])
+        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+
 def torch_state(optimizer: torch.optim.Optimizer, tparams: dict, key: str) -> dict:
     return {k: optimizer.state[p][key].numpy().copy() for k, p in tparams.items() if p in optimizer.state}
 

@@ -11,7 +11,8 @@ import torch
 
 import jax_impl
 from jax_impl.exact import UpdatesChangedError
-from tests.recipe_helpers import gradients, initial_params, mismatches, set_grads, to_jax, torch_params
+from tests.recipe_helpers import (add_grads, gradients, initial_params, mismatches, set_grads, to_jax,
+                                  torch_params)
 
 LR, WD, STEPS = 1e-2, 0.1, 12
 
@@ -67,10 +68,7 @@ def test_multisteps_sum_is_torch_accumulation(k):
     tparams = torch_params(initial_params())
     optimizer = torch.optim.AdamW(one_group(tparams), fused=True)
     for t in range(k * 4):
-        grads = gradients(t)
-        for n, p in tparams.items():
-            g = torch.from_numpy(grads[n])
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        add_grads(tparams, gradients(t))
         if (t + 1) % k == 0:  # step after k backward passes, then zero_grad
             optimizer.step()
             optimizer.zero_grad()
@@ -182,9 +180,7 @@ def _torch_with_lr_changes(steps, every_k=1):
     for t in range(steps):
         if t % every_k == 0 and t // every_k in LR_CHANGES:
             optimizer.param_groups[0]["lr"] = float(np.float32(LR_CHANGES[t // every_k]))
-        for n, p in tparams.items():
-            g = torch.from_numpy(gradients(t)[n])
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        add_grads(tparams, gradients(t))
         if (t + 1) % every_k == 0:
             optimizer.step()
             optimizer.zero_grad()

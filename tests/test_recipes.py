@@ -17,7 +17,7 @@ import torch
 import jax_impl
 from crosscheck.metrics import distance
 from jax_impl.accumulation import torch_accumulation
-from tests.recipe_helpers import gradients, initial_params, mismatches, to_jax, torch_params
+from tests.recipe_helpers import add_grads, gradients, initial_params, mismatches, to_jax, torch_params
 
 LR, WD = 1e-2, 0.1
 
@@ -36,9 +36,7 @@ def torch_accumulated(k, steps, scale):
     tparams = torch_params(initial_params())
     optimizer = torch.optim.AdamW(tparams.values(), lr=LR, weight_decay=WD, fused=True)
     for t in range(steps):
-        for n, p in tparams.items():
-            g = torch.from_numpy(gradients(t, scale)[n])
-            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        add_grads(tparams, gradients(t, scale))
         if (t + 1) % k == 0:
             optimizer.step()
             optimizer.zero_grad()
