@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +126,13 @@ def continue_in_torch(model, optimizer, layers, names, params, state, steps, fir
     optimizer.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names,
                                                              optimizer.state_dict()["param_groups"]))
     torch_steps(model, optimizer, steps, first)
+
+
+def run_on_8_cpu_devices(script: str) -> None:
+    """Run ``tests/<script>`` in a process whose JAX has 8 host CPU devices; its output printed, a failure shown."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    path = Path(__file__).with_name(script)
+    done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=path.parents[1])
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr

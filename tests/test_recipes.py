@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +11,7 @@ import torch
 
 import jax_impl
 from crosscheck.metrics import distance
+from helpers import run_on_8_cpu_devices
 from jax_impl.accumulation import torch_accumulation
 from tests.recipe_helpers import add_grads, gradients, initial_params, mismatches, to_jax, torch_params
 
@@ -67,12 +63,7 @@ def test_multisteps_mean_is_not_torch_accumulation():
 
 
 def test_torch_accumulation_is_the_same_on_every_sharding():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    script = Path(__file__).with_name("recipe_sharded_checks.py")
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=script.parents[1])
-    print(done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_on_8_cpu_devices("recipe_sharded_checks.py")
 
 
 def test_torch_accumulation_rejects_bad_every_k():
