@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/port_resume_own_gradients.py resnet_block 5
 
 A measurement for the README ("Porting"), not a speed benchmark: with shared gradients the
-resume is bitwise (tests/test_ports.py); with each framework's own it is not, and this says by how much.
+resume is bitwise (tests/crosscheck_tests/port/test_ports.py); with each framework's own it is not, and this says by how much.
 """
 import copy
 import sys
@@ -12,8 +12,13 @@ import torch
 import jax.numpy as jnp
 from flax import nnx
 import jax_impl
-from crosscheck import convert, parity, models, port_examples as pe
-from crosscheck.metrics import distance
+from crosscheck import convert
+from crosscheck.port import parity
+from crosscheck.port import examples as pe
+from crosscheck.common.metrics import distance
+from crosscheck.port import compare
+from crosscheck.common import losses
+from crosscheck.convert import trees
 
 
 def main(name: str, k: int) -> None:
@@ -23,7 +28,7 @@ def main(name: str, k: int) -> None:
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-2, fused=True)
     def tstep(model, o, t):
         x, y = ex.batch(t); o.zero_grad()
-        parity.torch_cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward(); o.step()
+        losses.torch_cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward(); o.step()
     for t in range(2 * k): tstep(ref, opt, t)
     opt2 = torch.optim.AdamW([p for p in tm.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-2, fused=True)
     for t in range(k): tstep(tm, opt2, t)
@@ -32,15 +37,15 @@ def main(name: str, k: int) -> None:
     state = convert.torch_optimizer_to_jax(opt2.state_dict(), layers, names)
     tx = jax_impl.adamw(1e-3, weight_decay=1e-2, torch_layout=convert.torch_layout(tm, layers))
     params = nnx.to_pure_dict(nnx.state(fm, nnx.Param))
-    trainable = set(convert._flatten(convert.params_to_flax({n: dict(tm.named_parameters())[n] for n in names}, layers)))
-    params = convert._nest({p: v for p, v in convert._flatten(params).items() if p in trainable})
-    grads_fn = nnx.jit(lambda m, x, y: models.flax_loss_and_grads(m, x, y, parity.flax_cross_entropy))
+    trainable = set(trees.flatten(convert.params_to_flax({n: dict(tm.named_parameters())[n] for n in names}, layers)))
+    params = trees.nest({p: v for p, v in trees.flatten(params).items() if p in trainable})
+    grads_fn = nnx.jit(lambda m, x, y: losses.flax_loss_and_grads(m, x, y, losses.flax_cross_entropy))
     for t in range(k, 2 * k):
         x, y = ex.batch(t)
-        _, _, g = grads_fn(fm, jnp.asarray(parity.channels_last(x)), jnp.asarray(y))
-        g = convert._nest({p: v for p, v in convert._flatten(nnx.to_pure_dict(g)).items() if p in trainable})
+        _, _, g = grads_fn(fm, jnp.asarray(compare.channels_last(x)), jnp.asarray(y))
+        g = trees.nest({p: v for p, v in trees.flatten(nnx.to_pure_dict(g)).items() if p in trainable})
         params, state = jax_impl.apply_exact(tx, g, state, params)
-        nnx.update(fm, parity._with_params(fm, params))
+        nnx.update(fm, parity.with_params(fm, params))
     got = convert.params_to_torch(params, layers, names)
     exp = dict(ref.named_parameters())
     rel = max(float((got[n] - exp[n].detach()).abs().max() / exp[n].detach().abs().max()) for n in names)

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax_impl  # noqa: E402
 import torch_impl  # noqa: E402
-from crosscheck import convert, models  # noqa: E402
-from crosscheck.training import FlaxRun, TorchRun  # noqa: E402
+from crosscheck import convert  # noqa: E402
+from crosscheck.cifar import models  # noqa: E402
+from crosscheck.cifar.training import FlaxRun, TorchRun  # noqa: E402
 
 
 def run(batch_sizes: list[int], repeats: int) -> list[dict]:

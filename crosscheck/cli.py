@@ -9,96 +9,26 @@ files, an ``--out`` that cannot be written: checked before the run starts),
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import jax
 
-from crosscheck import implementations, interrupt, report, sources, trajectory
-
-DEFAULT_IMPLS = tuple(name for name in implementations.IMPLEMENTATIONS if name != "reference64")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One trajectory check: a parameter set, a gradient stream, hyperparameters, a mode."""
-
-    name: str
-    params: str = "flat"
-    grads: str = "gaussian"
-    steps: int = 200
-    hyper: implementations.Hyper = field(default_factory=implementations.Hyper)
-    mode: str = "free"
-    mask: bool = False
-    x64: bool = False
-    seed: int = 0
-
-
-# The built-in suite: every option and dtype, short runs (about a minute on a 2-core CPU).
-SUITE = (
-    Case("default float32", steps=400),
-    Case("amsgrad, heavy-tailed", grads="heavy-tailed", hyper=implementations.Hyper(amsgrad=True)),
-    Case("maximize, sign flips", grads="sign-flip", hyper=implementations.Hyper(maximize=True)),
-    Case("wd=0.1 + mask, CNN leaves", params="cnn", grads="sparse", steps=120,
-         hyper=implementations.Hyper(weight_decay=0.1), mask=True),
-    Case("wd=0, dynamic range 1e-8..1e4", grads="dynamic-range", hyper=implementations.Hyper(weight_decay=0.0)),
-    Case("cosine schedule (float64 lr, x64)", x64=True, hyper=implementations.Hyper(lr=1e-2), steps=300),
-    Case("bfloat16", hyper=implementations.Hyper(dtype="bfloat16")),
-    Case("float16", hyper=implementations.Hyper(dtype="float16", eps=1e-4)),
-    Case("float64 (x64)", x64=True, hyper=implementations.Hyper(dtype="float64")),
-    Case("re-synced, real PyTorch CNN gradients", params="model", grads="model", steps=60, mode="resync"),
-)
-
-
-@contextlib.contextmanager
-def _x64(enabled: bool):
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", enabled)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
-def run_case(case: Case, impls: Sequence[str] = DEFAULT_IMPLS, baseline: str = "torch.AdamW(fused)",
-             progress: bool = True) -> trajectory.TrajectoryResult:
-    """Run one case (the API the CLI and the tests share)."""
-    if case.params == "model" or case.grads == "model":
-        names, params, grad_source = sources.model_gradients(case.seed)
-    else:
-        names, params = sources.param_set(case.params, case.seed)
-        grad_source = sources.synthetic(case.grads, case.seed)
-    hyper = case.hyper
-    if case.name.startswith("cosine") and hyper.schedule is None:
-        hyper = replace(hyper, schedule=sources.CosineSchedule(hyper.lr, case.steps))
-    if case.mask:
-        hyper = replace(hyper, decay_mask=sources.no_decay_mask(names))
-    if hyper.dtype == "float64" and not case.x64:
-        raise ValueError("dtype float64 needs --x64 (jax_enable_x64)")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=case.steps, desc=case.name[:40], unit="step", leave=False, file=sys.stderr)
-    try:
-        with _x64(case.x64):
-            return trajectory.run(impls, hyper=hyper, names=names, params=params, grad_source=grad_source,
-                                  steps=case.steps, baseline=baseline, mode=case.mode, case=case.name,
-                                  progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
+from crosscheck.trajectory import implementations
+from crosscheck.common import interrupt
+from crosscheck.common import report
+from crosscheck.trajectory import sources
+from crosscheck.trajectory.suite import DEFAULT_IMPLS, SUITE, Case, run_case
+from crosscheck.trajectory import report as trajectory_report
+from crosscheck.common import dtypes
 
 
 def _finish(results, out: Path | None) -> int:
-    print(report.markdown(results))
+    print(trajectory_report.markdown(results))
     if out is not None:
         try:
-            paths = report.write(results, out)
+            paths = trajectory_report.write(results, out)
         except OSError as err:
             raise report.OutputError(f"--out {out}: cannot write the report ({err})") from None
         print("report: " + ", ".join(str(p) for p in paths.values()))
@@ -146,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--params", default="flat", choices=[*sources.PARAM_SETS, "model"], help="parameter set")
     t.add_argument("--grads", default="gaussian", choices=[*sources.SYNTHETIC, "model"], help="gradient stream")
     t.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    t.add_argument("--dtype", default="float32", choices=list(implementations.DTYPES), help="parameter dtype")
+    t.add_argument("--dtype", default="float32", choices=list(dtypes.DTYPES), help="parameter dtype")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     t.add_argument("--b1", type=float, default=0.9, help="beta1")
     t.add_argument("--b2", type=float, default=0.999, help="beta2")
@@ -164,8 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--x64", action="store_true", help="enable jax_enable_x64 (float64, exact schedules)")
     t.add_argument("--seed", type=int, default=0, help="parameters and gradients")
 
-    from crosscheck import cifar10
-    from crosscheck.cifar_parity import MODES, Config
+    from crosscheck.cifar import data as cifar10
+    from crosscheck.cifar.parity import MODES, Config
 
     c = sub.add_parser("cifar10", help="train the seed's SimpleCNN on CIFAR-10 in PyTorch and Flax and compare",
                        formatter_class=formatter,
@@ -198,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "optax schedule.")
     add_common(sch)
     sch.add_argument("--steps", type=int, default=10_000, help="update counts compared (at least 200)")
-    from crosscheck import gpu, port, recipes
-
+    from crosscheck.gpu import command as gpu
+    from crosscheck.port import command as port
+    from crosscheck.recipes import training as recipes
     add_common(port.add_parser(sub))
     add_common(recipes.add_parser(sub))
     add_common(gpu.add_parser(sub))
@@ -231,16 +162,13 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command in (None, "suite", "trajectory", "schedules", "cifar10", "port", "recipes"):
         report.check_output_dir(args.out)  # before the run: an unwritable --out must not cost the results
     if args.command == "port":
-        from crosscheck import port
-
+        from crosscheck.port import command as port
         return port.run(args)
     if args.command == "recipes":
-        from crosscheck import recipes
-
+        from crosscheck.recipes import training as recipes
         return recipes.run(args)
     if args.command == "schedules":
-        from crosscheck import schedules
-
+        from crosscheck.recipes import schedules
         out = args.out
         try:
             rows, passed = schedules.run(args.steps, out)
@@ -251,11 +179,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"report: {out}/report.json, report.md, schedules.png")
         return 0 if passed else 1
     if args.command == "gpu":
-        from crosscheck import gpu
-
+        from crosscheck.gpu import command as gpu
         return gpu.run(args)
     if args.command == "cifar10":
-        from crosscheck.cifar_parity import Config, main_run
+        from crosscheck.cifar.command import main_run
+        from crosscheck.cifar.parity import Config
 
         cfg = Config(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      mode=args.mode, max_steps=args.max_steps, seed=args.seed, replicas=args.replicas,

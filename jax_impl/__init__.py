@@ -1,8 +1,11 @@
 """AdamW for JAX with torch.optim.AdamW semantics and torch's CPU rounding."""
 
 from jax_impl import schedules
-from jax_impl._cuda_rounding import CudaRounding
-from jax_impl._adamw import AdamWState, adamw, apply_exact, torch_cpu_vector_width
+from jax_impl._adamw import adamw
+from jax_impl._cpu_rounding import torch_cpu_vector_width
+from jax_impl._state import AdamWState
+from jax_impl.cuda_rounding import CudaRounding
+from jax_impl.exact import apply_exact
 from jax_impl.fast_loops import apply_gradients_exact
 from jax_impl.flat import FlatLayout
 from jax_impl.masks import decay_mask_by_name

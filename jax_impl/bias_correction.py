@@ -18,7 +18,7 @@ import numpy as np
 
 # 2**22 steps (32 MiB of float64) covers beta <= 0.99999; closer to 1 the steps
 # beyond the table are computed in the graph, in float64 as torch does (see
-# ``_step_scalars`` in _adamw.py).
+# ``step_scalars`` in _adamw.py).
 MAX_TABLE_STEPS = 1 << 22
 
 

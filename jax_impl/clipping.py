@@ -16,10 +16,10 @@ elements ``j, j+8, j+16, ...``; the lanes are then summed left to right; the
 last ``numel % 8`` elements are added by scalar code, which the wheel's
 compiler turned into ``acc + x*x`` (rounded square) for the first 4 of them
 when there are at least 4, and ``fma(x, x, acc)`` for the others (measured:
-``tests/test_clipping.py`` tries every tail length); the result is ``sqrt``.
+``tests/jax_impl_tests/test_clipping.py`` tries every tail length); the result is ``sqrt``.
 :func:`torch_vector_norm` does the same, so the norms,
 the coefficient and the clipped gradients are torch's bit for bit (pinned by
-``tests/test_clipping.py``).
+``tests/jax_impl_tests/test_clipping.py``).
 
 ``optax.clip_by_global_norm`` differs in three places: it sums all squares in
 XLA's order, divides by the norm (no ``+ 1e-6``) and selects instead of clamping
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_impl._adamw import TORCH_CPU_VECTOR_BYTES
+from jax_impl._cpu_rounding import TORCH_CPU_VECTOR_BYTES
 
 NORM_TYPES = (2.0, float("inf"))
 

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_impl import _adamw
-from jax_impl._adamw import AdamWState
+from jax_impl import _cpu_rounding, _state
+from jax_impl._state import AdamWState
 
 # The arguments of jax_impl.adamw that optax.inject_hyperparams can inject.
 _INJECTABLE = ("learning_rate", "b1", "b2", "eps", "weight_decay")
@@ -122,11 +122,11 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         if threading.get_ident() == thread:  # not another thread tracing its own step meanwhile
             reported.setdefault(_leaf_keys(seen_params), options)
 
-    _adamw._exact_recorders.append(record)
+    _state.exact_recorders.append(record)
     try:
         updates, new_state = tx.update(grads, state, params, **extra_args)
     finally:
-        _adamw._exact_recorders.remove(record)
+        _state.exact_recorders.remove(record)
     if not reported:
         raise TypeError("apply_exact: tx must contain a transformation made by jax_impl.adamw "
                         f"(got {type(tx).__name__} whose update never called one)")
@@ -151,7 +151,7 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         if hyperparams is not None:
             # The values this step used (a schedule's, or what the user wrote into
             # state.hyperparams); concrete ones become Python floats, as adamw makes them.
-            options.update({k: _adamw._concrete_hyperparameter(v) for k, v in hyperparams.items()
+            options.update({k: _state.concrete_hyperparameter(v) for k, v in hyperparams.items()
                             if k in _INJECTABLE})
         owned = [index[k] for k in leaf_keys]
         if any(new_leaves[i] is not None for i in owned):
@@ -175,7 +175,7 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
     """``p_new`` for the leaves of one AdamW (in ``new_leaves``), and the consistency checks of their updates."""
     # The params this AdamW saw: its moments' tree (masked leaves are MaskedNodes) holding our leaves.
     seen = jax.tree.unflatten(jax.tree.structure(new.exp_avg), [param_leaves[i] for i in owned])
-    decay_flags = _adamw._resolve_mask(options["mask"], seen)
+    decay_flags = _state.resolve_mask(options["mask"], seen)
     applied = new.count != old.count
     t = optax.safe_increment(old.count)
     exp_avg, exp_avg_sq = jax.tree.leaves(new.exp_avg), jax.tree.leaves(new.exp_avg_sq)
@@ -187,13 +187,13 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
             # The kernel's float32 moments were rounded when stored; its float32 update is exact instead.
             new_leaves[i] = (p.astype(jnp.float32) + u).astype(p.dtype)
             continue
-        opmath = _adamw._opmath_dtype(p.dtype)
+        opmath = _cpu_rounding.opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
-            scalars_by_dtype[opmath] = _adamw._step_scalars(options["learning_rate"], options["b1"], options["b2"],
+            scalars_by_dtype[opmath] = _cpu_rounding.step_scalars(options["learning_rate"], options["b1"], options["b2"],
                                                             options["weight_decay"], old.count, t, opmath)
         weight_decay = options["weight_decay"]
-        decay = decay_flags[j] and (_adamw._is_traced(weight_decay) or weight_decay != 0)
-        stepped = _adamw._new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath],
+        decay = decay_flags[j] and (_state.is_traced(weight_decay) or weight_decay != 0)
+        stepped = _cpu_rounding.new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath],
                                     eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
                                     amsgrad=options["amsgrad"]).astype(p.dtype)
         new_leaves[i] = jnp.where(applied, stepped, p)
@@ -202,4 +202,3 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
                             f"jax_impl.adamw's has {p.dtype}: a transformation after adamw changed it")
         own_update = stepped - p
         checks.append((keys[i], jnp.any(applied & ~_same_bits_or_tiny(u, own_update))))
-

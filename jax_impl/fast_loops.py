@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jax_impl._adamw import apply_exact
+from jax_impl.exact import apply_exact
 
 
 def apply_gradients_exact(state: Any, *, grads: Any, **kwargs) -> Any:

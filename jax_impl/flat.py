@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_impl._adamw import _resolve_mask, torch_cpu_vector_width
+from jax_impl._cpu_rounding import torch_cpu_vector_width
+from jax_impl._state import resolve_mask
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class FlatLayout:
 
     def __init__(self, params: optax.Params, mask=None):
         leaves, self.treedef = jax.tree.flatten(params)
-        decay = _resolve_mask(mask, params)
+        decay = resolve_mask(mask, params)
         self.slots: list[_Slot] = []
         sizes: dict[str, int] = {}
         self.dtypes: dict[str, jnp.dtype] = {}

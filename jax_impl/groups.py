@@ -22,9 +22,9 @@ group's params bitwise as torch's ``fused=True`` step does (torch updates each
 group with its own hyperparameters, the same kernel per group).
 
 :func:`add_param_group` is torch's ``optimizer.add_param_group``: new leaves in
-a new group, the other groups' state kept.  :func:`torch_state_to_jax` and
-:func:`jax_state_to_torch` convert the optimizer state of grouped optimizers
-(``crosscheck.convert`` handles one AdamW state; these split and join it by group).
+a new group, the other groups' state kept.  Converting a grouped optimizer's
+state from and to torch is the converter's job:
+``crosscheck.convert.torch_optimizer_groups_to_jax`` and ``jax_optimizer_groups_to_torch``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_impl._adamw import AdamWState, adamw
+from jax_impl._adamw import adamw
+from jax_impl._state import AdamWState
 
 # torch.optim.AdamW's defaults, under torch's names.
 TORCH_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False,
@@ -102,11 +103,11 @@ def add_param_group(groups: Sequence[Mapping[str, Any]], labels: Any, state: opt
     return tx, new_state._replace(inner_states=inner)
 
 
-def _leaves_by_path(tree) -> dict:
+def leaves_by_path(tree) -> dict:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _refill(template, by_path: Mapping, what: str):
+def refill(template, by_path: Mapping, what: str):
     def pick(path, leaf):
         key = jax.tree_util.keystr(path)
         if key not in by_path:
@@ -125,64 +126,17 @@ def _transplant(old, template):
     moments = {}
     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         tree = getattr(new_adamw, name)
-        moments[name] = None if tree is None else _refill(tree, _leaves_by_path(getattr(old_adamw, name)),
+        moments[name] = None if tree is None else refill(tree, leaves_by_path(getattr(old_adamw, name)),
                                                           "add_param_group")
     return template._replace(inner_state=AdamWState(count=old_adamw.count, **moments))
 
 
-def torch_state_to_jax(optimizer_state: Mapping, layers: Sequence, names: Sequence[str], tx, params) -> Any:
-    """The ``param_groups`` state of ``tx`` from a grouped torch AdamW ``state_dict()`` (see ``crosscheck.convert``).
-
-    Each torch group ``g`` fills group ``g`` of ``tx`` (labels must agree);
-    ``names`` are the torch parameter names in the optimizer's order.
-    """
-    from crosscheck import convert
-
-    template = tx.init(params)
-    torch_groups = optimizer_state["param_groups"]
-    if len(torch_groups) != len(template.inner_states):
-        raise convert.ConversionError(f"torch has {len(torch_groups)} param groups, tx has "
-                                      f"{len(template.inner_states)}")
-    inner = dict(template.inner_states)
-    for g, torch_group in enumerate(torch_groups):
-        indices = list(torch_group["params"])
-        sub = {"state": {local: optimizer_state["state"][i] for local, i in enumerate(indices)
-                         if i in optimizer_state.get("state", {})}}
-        state = convert.torch_optimizer_to_jax(sub, layers, [names[i] for i in indices])
-        target = inner[g].inner_state
-        flat = {name: _leaves_by_path(getattr(state, name)) for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-        if not sub["state"]:
-            continue  # a fresh group (no step yet): the template's zeros are torch's absent state
-        moments = {name: None if getattr(target, name) is None else
-                   _refill(getattr(target, name), flat[name], f"torch group {g}")
-                   for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-        inner[g] = inner[g]._replace(inner_state=AdamWState(count=state.count, **moments))
-    return template._replace(inner_states=inner)
+# Moved to the converter, which owns everything that reads torch's state_dict.
+_MOVED = {"torch_state_to_jax": "crosscheck.convert.torch_optimizer_groups_to_jax",
+          "jax_state_to_torch": "crosscheck.convert.jax_optimizer_groups_to_torch"}
 
 
-def jax_state_to_torch(state, layers: Sequence, names: Sequence[str], torch_param_groups: Sequence[Mapping]) -> dict:
-    """A grouped torch AdamW ``state_dict`` from a ``param_groups`` state; ``torch_param_groups`` are the target's."""
-    from crosscheck import convert
-
-    torch_state = {}
-    for g, torch_group in enumerate(torch_param_groups):
-        indices = list(torch_group["params"])
-        adamw_state = state.inner_states[g].inner_state
-        plain = AdamWState(adamw_state.count, *(None if tree is None else _nested(tree) for tree in
-                                                (adamw_state.exp_avg, adamw_state.exp_avg_sq,
-                                                 adamw_state.max_exp_avg_sq)))
-        sub = convert.jax_optimizer_to_torch(plain, layers, [names[i] for i in indices], [torch_group])
-        torch_state.update({indices[local]: value for local, value in sub["state"].items()})
-    return {"state": torch_state, "param_groups": [dict(group) for group in torch_param_groups]}
-
-
-def _nested(tree) -> dict:
-    """A masked moment tree (MaskedNode where another group's leaves are) as a plain nested dict of this group's."""
-    out: dict = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        node = out
-        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = leaf
-    return out
+def __getattr__(name):
+    if name in _MOVED:
+        raise AttributeError(f"jax_impl.groups.{name} moved to {_MOVED[name]} (jax_impl does not read torch state)")
+    raise AttributeError(f"module 'jax_impl.groups' has no attribute {name!r}")

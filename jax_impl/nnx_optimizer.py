@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jax_impl._adamw import apply_exact
+from jax_impl.exact import apply_exact
 
 
 class ExactOptimizer(nnx.Optimizer):

@@ -20,8 +20,7 @@ def cifar_dir():
     import os
     from pathlib import Path
 
-    from crosscheck import cifar10
-
+    from crosscheck.cifar import data as cifar10
     path = Path(os.environ.get(cifar10.ENV_VAR) or Path(__file__).resolve().parents[1] / "../shared/data/cifar10-subset")
     if not ((path / cifar10.ARCHIVE).is_file() or (path / cifar10.FOLDER).is_dir()):
         pytest.skip(f"no CIFAR-10 data at {path} (set ${cifar10.ENV_VAR})")

@@ -1,4 +1,4 @@
-"""Two gloo processes training a small model with torch_impl.AdamW; run by tests/test_distributed.py.
+"""Two gloo processes training a small model with torch_impl.AdamW; run by tests/torch_impl_tests/test_distributed.py.
 
 ``python tests/distributed_worker.py MODE OUT``: MODE is ``ddp`` (DistributedDataParallel,
 torch_impl.AdamW fused) or ``zero`` (DDP + ZeroRedundancyOptimizer wrapping

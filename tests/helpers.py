@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 import jax_impl
-from crosscheck import convert, implementations, sources
-from crosscheck.metrics import distance
+from crosscheck import convert
+from crosscheck.trajectory import implementations
+from crosscheck.trajectory import sources
+from crosscheck.common.metrics import distance
 
 # Shapes that exercise torch's kernel layout: 0-d, empty, shorter than one
 # vector, vectors plus a scalar tail, exact multiples, conv-like 4-d.

@@ -8,7 +8,7 @@ once, so a new optax release that moves the code fails loudly here.
 
     PYTHONPATH=. python tests/optax_upstream.py --out /tmp/optax-upstream   # the table, stock vs ours
 
-``tests/test_optax_upstream.py`` runs a subset of the patched suites in CI.
+``tests/jax_impl_tests/test_optax_upstream.py`` runs a subset of the patched suites in CI.
 Adaptations for deliberate differences (README, "Drop-in conventions") are
 listed in ``ADAPTATIONS`` and applied to the ``ours`` copy only.
 """

@@ -1,4 +1,4 @@
-"""Accumulation on 8 host CPU devices; run by tests/test_recipes.py in a subprocess (XLA_FLAGS set before JAX starts).
+"""Accumulation on 8 host CPU devices; run by tests/crosscheck_tests/recipes/test_recipes.py in a subprocess (XLA_FLAGS set before JAX starts).
 
 torch_accumulation + apply_exact must give the single-device params bit for bit
 on every layout.  With --measure-multisteps, optax.MultiSteps (Welford mean) is

@@ -1,4 +1,4 @@
-"""Sharded jax_impl.adamw on 8 host CPU devices; run by tests/test_sharding.py in a subprocess.
+"""Sharded jax_impl.adamw on 8 host CPU devices; run by tests/jax_impl_tests/test_sharding.py in a subprocess.
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX starts,
 so these checks live in their own process (``python tests/sharded_checks.py``).

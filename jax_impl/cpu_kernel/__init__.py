@@ -4,7 +4,7 @@ It is compiled with the system C++ compiler into a per-user cache, keyed by
 the source, the compiler and jaxlib's FFI headers, and registered as the XLA
 FFI target ``jax_impl_adamw``.  Where no compiler
 is available :func:`available` is False and ``jax_impl.adamw`` uses its XLA path
-(the two agree bit for bit; ``tests/test_cpu_kernel.py``).
+(the two agree bit for bit; ``tests/jax_impl_tests/test_cpu_kernel.py``).
 """
 
 from __future__ import annotations

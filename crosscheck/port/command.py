@@ -1,0 +1,206 @@
+"""``python -m crosscheck port``: check a Flax port of a torch model and say where it is wrong.
+
+    python -m crosscheck --out port-report port --example transformer
+    python -m crosscheck port --torch mypkg.models:Net --flax mypkg.port:NnxNet \\
+        --input-shape 8,3,32,32 --classes 10 --flatten-from fc1=64,8,8
+    python -m crosscheck port --torch ... --flax ... --batch batch.npz   # arrays "inputs" and "labels"
+
+It converts the torch weights into the Flax model, runs
+:func:`crosscheck.locate_divergence` on one batch (report.md, report.json,
+errors.png: every module's output error against its rounding band), then
+``assert_trajectories_match`` over ``--steps`` steps, and, with ``--resume``,
+checks that k torch steps + k ``jax_impl`` steps after converting the AdamW
+state equal 2k torch steps bitwise.  Exit status: 0 pass, 1 mismatch, 2 bad
+usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+from pathlib import Path
+
+import numpy as np
+from crosscheck.common import losses
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("port", help="check a Flax port of a torch model; locate where it departs")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--example", help="one of crosscheck.port_examples.EXAMPLES")
+    source.add_argument("--torch", dest="torch_factory", help="module:callable returning the torch model")
+    p.add_argument("--flax", dest="flax_factory", help="module:callable returning the nnx model (with --torch)")
+    p.add_argument("--input-shape", help="comma-separated torch input shape (random uniform inputs in [-1, 1])")
+    p.add_argument("--tokens", type=int, default=0, help="with --input-shape: integer token inputs below this")
+    p.add_argument("--classes", type=int, default=10, help="labels below this for the default cross entropy")
+    p.add_argument("--batch", help=".npz with arrays 'inputs' and 'labels' (torch layout)")
+    p.add_argument("--flatten-from", action="append", default=[], metavar="NAME=C,H,W",
+                   help="layers_of flatten_from for a Linear after a channels-first flatten (repeatable)")
+    p.add_argument("--transpose-kernel", action="store_true",
+                   help="the port's ConvTranspose layers use transpose_kernel=True")
+    p.add_argument("--steps", type=int, default=10, help="steps of assert_trajectories_match (0: locate only)")
+    p.add_argument("--resume", type=int, default=0, metavar="K", help="also check a torch->JAX resume after K steps")
+    p.add_argument("--seed", type=int, default=0)
+    return p  # --out (report.md, report.json, errors.png) is the shared option of python -m crosscheck
+
+
+def _factory(spec: str, what: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{what}={spec!r}: expected module:callable")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{what}={spec!r}: {err}") from None
+
+
+def _setup(args):
+    """(torch model, flax model, layers, batch maker) from the arguments; ValueError on bad usage."""
+    import torch
+
+    from crosscheck import convert
+    from crosscheck.port import examples as port_examples
+    flatten = {}
+    for item in args.flatten_from:
+        name, _, shape = item.partition("=")
+        try:
+            flatten[name] = tuple(int(v) for v in shape.split(","))
+        except ValueError:
+            raise ValueError(f"--flatten-from={item!r}: expected NAME=C,H,W") from None
+    if args.example:
+        if args.example not in port_examples.EXAMPLES:
+            raise ValueError(f"--example={args.example!r}: choose from {sorted(port_examples.EXAMPLES)}")
+        example = port_examples.EXAMPLES[args.example]
+        torch_model, flax_model = example.pair(args.seed)
+        options = dict(example.layers_options)
+        options.setdefault("flatten_from", {}).update(flatten)
+        return torch_model, flax_model, convert.layers_of(torch_model, **options), example.batch
+    if not (args.torch_factory and args.flax_factory):
+        raise ValueError("give --example, or both --torch and --flax")
+    torch.manual_seed(args.seed)
+    torch_model = _factory(args.torch_factory, "--torch")()
+    flax_model = _factory(args.flax_factory, "--flax")()
+    layers = convert.layers_of(torch_model, flatten_from=flatten, transpose_kernel=args.transpose_kernel)
+    if args.batch:
+        try:
+            data = np.load(args.batch)
+            inputs, labels = data["inputs"], data["labels"]
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"--batch={args.batch!r}: {err}") from None
+        return torch_model, flax_model, layers, lambda seed=0: (inputs, labels)
+    if not args.input_shape:
+        raise ValueError("give --input-shape or --batch")
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape={args.input_shape!r}: expected comma-separated integers") from None
+
+    def make(seed: int = 0):
+        rng = np.random.default_rng(seed)
+        inputs = (rng.integers(0, args.tokens, shape) if args.tokens
+                  else rng.uniform(-1, 1, shape).astype(np.float32))
+        with torch.no_grad():
+            out = copy.deepcopy(torch_model)(torch.from_numpy(inputs))
+        out = out[0] if isinstance(out, tuple) else out
+        # labels shaped for the default loss: (N,), (N, *spatial) per position, (B, T) per token
+        label_shape = tuple(out.shape[:-1]) if out.ndim > 2 and args.tokens else (out.shape[0], *out.shape[2:])
+        return inputs, rng.integers(0, args.classes, label_shape)
+    return torch_model, flax_model, layers, make
+
+
+def resume_check(torch_model, layers, batch, k: int) -> int:
+    """Max ulps between 2k torch AdamW steps and k torch + k jax_impl steps (after converting the state).
+
+    Gradients come from torch at the current parameters in both runs (shared
+    gradients: with each framework's own, the runs part by rounding).
+    """
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import jax_impl
+    from crosscheck import convert
+    from crosscheck.common.metrics import distance
+
+    def grads_at(model, step):
+        inputs, labels = batch(step)
+        model.zero_grad()
+        losses.torch_cross_entropy(model(torch.from_numpy(inputs)), torch.from_numpy(labels)).backward()
+
+    def fresh():
+        model = copy.deepcopy(torch_model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1, fused=True)
+
+    model, optimizer = fresh()
+    for t in range(2 * k):
+        grads_at(model, t)
+        optimizer.step()
+    expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model, optimizer = fresh()
+    for t in range(k):
+        grads_at(model, t)
+        optimizer.step()
+    names = convert.param_names(model, optimizer)
+    named = dict(model.named_parameters())
+    params = jax.tree.map(jnp.asarray, convert.params_to_flax({n: named[n] for n in names}, layers))
+    state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
+    tx = jax_impl.adamw(1e-2, weight_decay=0.1, torch_layout=convert.torch_layout(model, layers))
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    for t in range(k, 2 * k):
+        with torch.no_grad():
+            for name, value in convert.params_to_torch(params, layers, names).items():
+                model.get_parameter(name).copy_(value)
+        grads_at(model, t)
+        grads = convert.params_to_flax({n: named[n].grad for n in names}, layers)
+        params, state = step(jax.tree.map(jnp.asarray, grads), state, params)
+    got = convert.params_to_torch(params, layers, names)
+    return max(int(distance(got[n].numpy(), expected[n].numpy()).max_ulps) for n in names)
+
+
+def run(args) -> int:
+    from crosscheck.port.parity import assert_trajectories_match
+    from crosscheck.port import locate
+    try:
+        torch_model, flax_model, layers, batch = _setup(args)
+        if args.steps < 0 or args.resume < 0:
+            raise ValueError("--steps and --resume must be >= 0")
+    except ValueError as err:
+        print(f"crosscheck port: error: {err}")
+        return 2
+    from crosscheck.convert import ConversionError
+
+    out = Path(args.out)
+    summary: dict = {"steps": args.steps}
+    try:
+        divergence = locate.locate_divergence(torch_model, flax_model, batch(args.seed), layers=layers)
+    except ConversionError as err:
+        print(f"crosscheck port: conversion refused: {err}")
+        return 2
+    print(divergence)
+    passed = divergence.ok
+    if args.steps:
+        try:
+            report = assert_trajectories_match(copy.deepcopy(torch_model), flax_model,
+                                               (batch(args.seed + i) for i in range(args.steps)),
+                                               layers=layers, steps=args.steps, locate=False)
+            summary.update(parity="pass", logit_gap=report.logit_gap,
+                           grad_gap=max(r.grad_gap for r in report.steps),
+                           param_max_ulps=max(r.param_max_ulps for r in report.steps))
+            print(report)
+        except AssertionError as err:
+            passed = False
+            summary.update(parity="fail", parity_message=str(err).splitlines()[0])
+            print(err)
+    if args.resume:
+        ulps = resume_check(torch_model, layers, batch, args.resume)
+        summary["resume_max_ulps"] = ulps
+        passed = passed and ulps == 0
+        print(f"resume after {args.resume} torch steps, {args.resume} jax_impl steps: max {ulps} ulps "
+              "from the 2k-step torch run")
+    locate.write_report(divergence, out, title=args.example or f"{args.torch_factory} -> {args.flax_factory}",
+                        checks=summary)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'errors.png'}")
+    return 0 if passed else 1

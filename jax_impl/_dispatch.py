@@ -1,0 +1,130 @@
+"""One AdamW step over a tree: which leaves go to the CPU kernel, which to XLA, and which rounding model runs.
+
+Shared by optax's ``update`` (which wants updates) and :func:`jax_impl.apply_exact`
+(which wants the new params).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_impl import cpu_kernel, cuda_rounding
+from jax_impl._cpu_rounding import (leaf_step, nesterov_scalars, new_param, opmath_dtype, resolve_tails,
+                                    step_scalars)
+from jax_impl._state import AdamWState, check_grads, is_traced, resolve_mask
+
+
+KERNELS = ("auto", "xla", "cpu")
+
+
+def with_delta(delta, new_params, params):
+    """``new_params``, or the optax updates ``delta(new, old)`` leaf by leaf when a ``delta`` is given."""
+    return new_params if delta is None else jax.tree.map(delta, new_params, params)
+
+
+def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
+                amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, mu_dtype=None,
+                nesterov=False, rounding="torch-cpu", delta=None):
+    """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`.
+
+    With ``delta`` (``delta(new_param, param)``, the optax update of a leaf),
+    (updates, state) instead; the CPU kernel then writes float32 leaves'
+    updates itself, reading the params without overwriting them, so XLA copies
+    nothing to keep them for the caller.
+    """
+    contraction = cuda_rounding.resolve(rounding)
+    if contraction is not None and (nesterov or mu_dtype is not None):
+        if rounding != "auto":
+            raise ValueError(f"adamw: rounding={rounding!r} follows torch's CUDA kernel, which has no nesterov "
+                             "or mu_dtype; use rounding='torch-cpu' (or 'auto') with them")
+        contraction = None
+    if contraction is not None:  # torch's CUDA kernel's rounding: its own module
+        new_params, new_state = cuda_rounding.adamw_step(
+            grads, state, params, contraction, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, mask=mask, kernel=kernel)
+        return with_delta(delta, new_params, params), new_state
+    if params is None:
+        raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
+    check_grads(grads, params)
+    decay_flags = resolve_mask(mask, params)
+    tails = resolve_tails(torch_layout, scalar_tail, params)
+    # The kernel takes b1, b2 and eps as compile-time attributes: injected
+    # (traced) ones go through the XLA path, which agrees with it bit for bit.
+    use_kernel = _use_kernel(kernel) and not any(is_traced(x) for x in (b1, b2, eps))
+    count = state.count
+    t = optax.safe_increment(count)
+    param_leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = treedef.flatten_up_to(grads)
+    exp_avg_leaves = treedef.flatten_up_to(state.exp_avg)
+    exp_avg_sq_leaves = treedef.flatten_up_to(state.exp_avg_sq)
+    max_leaves = treedef.flatten_up_to(state.max_exp_avg_sq) if amsgrad else [None] * len(param_leaves)
+
+    scalars_by_dtype: dict = {}
+    results: list = [None] * len(param_leaves)
+    kernel_groups: dict[tuple[bool, str], list[int]] = {}  # (decay flag, kernel mode) -> leaves for the CPU kernel
+    for i, (p, g, m, v, vmax, decay_on, tail_positions) in enumerate(zip(
+            param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, tails)):
+        opmath = opmath_dtype(p.dtype)
+        if opmath not in scalars_by_dtype:
+            scalars_by_dtype[opmath] = step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+            if nesterov:
+                scalars_by_dtype[opmath] = nesterov_scalars(scalars_by_dtype[opmath], b1, t, opmath)
+        decay = decay_on and (is_traced(weight_decay) or weight_decay != 0)
+        if (use_kernel and p.dtype == jnp.float32 and decay_rounding == "torch" and not nesterov
+                and m.dtype == jnp.float32):
+            if p.size:
+                kernel_groups.setdefault((decay, _kernel_mode(delta is not None, p.size)), []).append(i)
+            else:
+                results[i] = (p, m, v, vmax)
+            continue
+        results[i] = leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps, decay=decay,
+                                decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,
+                                tail_positions=tail_positions, mu_dtype=mu_dtype)
+    scalars = scalars_by_dtype.get(jnp.dtype(jnp.float32))
+    for (decay, mode), indices in kernel_groups.items():
+        leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
+                  for i in indices]
+        out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
+                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay,
+                              amsgrad=amsgrad, mode=mode)
+        for i, (new_p, *moments) in zip(indices, out):
+            if mode == "moments":  # the param from the new moments, in XLA's pass with the caller's apply_updates
+                new_p = new_param(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
+                                   decay_rounding=decay_rounding, amsgrad=amsgrad)
+            results[i] = (new_p, *moments)
+    if delta is not None:
+        # The kernel's "update" leaves hold their updates already (float32, as
+        # delta gives float32 params); the others get theirs here.
+        written = {i for (_, mode), indices in kernel_groups.items() if mode == "update" for i in indices}
+        results = [r if i in written else (delta(r[0], param_leaves[i]), *r[1:]) for i, r in enumerate(results)]
+
+    new_params, new_m, new_v, new_max = (treedef.unflatten(list(column)) for column in zip(*results))
+    new_state = AdamWState(count=t, exp_avg=new_m, exp_avg_sq=new_v,
+                           max_exp_avg_sq=new_max if amsgrad else None)
+    return new_params, new_state
+
+
+# In optax's update the kernel writes the update of leaves up to this many
+# elements; of larger ones only the moments, in place, and XLA computes the
+# param in one pass with apply_updates' add.  The kernel's update needs a
+# buffer of its own, which XLA:CPU allocates per call, from fresh pages once it
+# is large; small leaves save XLA a program each.  Measured: benchmarks/step_time.py.
+_UPDATE_KERNEL_MAX_SIZE = 1 << 16
+
+
+def _kernel_mode(optax_update: bool, size: int) -> str:
+    if not optax_update:
+        return "in_place"
+    return "update" if size <= _UPDATE_KERNEL_MAX_SIZE else "moments"
+
+
+def _use_kernel(kernel: str) -> bool:
+    if kernel == "xla":
+        return False
+    if kernel == "cpu":
+        if not cpu_kernel.available():
+            raise RuntimeError("adamw: kernel='cpu' asked for, but the CPU kernel could not be built")
+        return True
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and cpu_kernel.available()

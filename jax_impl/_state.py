@@ -1,0 +1,162 @@
+"""What every AdamW path shares: the state, and the checks of hyperparameters, params, grads and mask.
+
+The update paths (the torch-CPU and torch-CUDA rounding models, the CPU kernel,
+:func:`jax_impl.apply_exact`) all read the tree through these, so a bad input
+gets the same message whichever path runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+
+
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+
+DECAY_ROUNDINGS = ("torch", "precise")
+
+
+# Set by jax_impl.exact.apply_exact while it traces a wrapped transformation's
+# update: each adamw update then reports its options and the params it saw.
+exact_recorders: list[Callable[[dict, optax.Params], None]] = []
+
+
+class AdamWState(NamedTuple):
+    """State of :func:`adamw`; every array leaf mirrors a parameter, so it shards like it."""
+
+    count: jax.Array  # shape=(), dtype=jnp.int32: number of updates applied.
+    exp_avg: optax.Updates  # first moment, shapes and dtypes of the params.
+    exp_avg_sq: optax.Updates  # second moment, shapes and dtypes of the params.
+    max_exp_avg_sq: optax.Updates | None  # running max of exp_avg_sq (amsgrad), else None.
+
+
+def is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def concrete_hyperparameter(value):
+    """A Python float for a concrete number or array (so the host computes torch's scalars); a tracer as it is.
+
+    ``optax.inject_hyperparams`` passes its hyperparameters as arrays: concrete
+    ones in ``init`` or outside ``jax.jit``, traced ones inside it.
+    """
+    if callable(value):
+        return value
+    if is_traced(value):
+        # inject_hyperparams gives complex hyperparameters for complex params; their value is real.
+        return jnp.real(value) if jnp.issubdtype(value.dtype, jnp.complexfloating) else value
+    return float(np.real(value))
+
+
+def validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
+    # Same tests and wording as torch.optim.Adam, plus the name of our argument;
+    # `not 0.0 <= x` also rejects NaN.  Traced values (injected hyperparameters
+    # under jax.jit) cannot be tested without a host sync and are taken as they are.
+    known = lambda x: not is_traced(x)  # noqa: E731
+    if not callable(learning_rate) and known(learning_rate) and not 0.0 <= learning_rate:
+        raise ValueError(f"Invalid learning rate: {learning_rate} (learning_rate must be >= 0)")
+    if known(eps) and not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps} (eps must be >= 0)")
+    if known(b1) and not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {b1} (b1 must be in [0, 1))")
+    if known(b2) and not 0.0 <= b2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {b2} (b2 must be in [0, 1))")
+    if known(weight_decay) and not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (weight_decay must be >= 0)")
+    if decay_rounding not in DECAY_ROUNDINGS:
+        raise ValueError(f"Invalid decay_rounding: {decay_rounding!r} (expected one of {DECAY_ROUNDINGS})")
+
+
+def dtype_of(leaf) -> jnp.dtype:
+    # A jax.ShapeDtypeStruct (init under jax.eval_shape, abstract params) has a dtype but no array.
+    return jnp.dtype(leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else jnp.result_type(leaf)
+
+
+def check_params(params: optax.Params, mu_dtype=None) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        where = jax.tree_util.keystr(path) or "<root>"
+        dtype = dtype_of(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"adamw: parameter {where} has dtype {dtype}; AdamW needs floating-point parameters "
+                "(float16, bfloat16, float32, float64) or complex ones (complex64, complex128)"
+            )
+        if mu_dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
+                mu_dtype, jnp.complexfloating):
+            # optax would cast the moment to a real dtype and drop its imaginary part.
+            raise TypeError(
+                f"adamw: mu_dtype={mu_dtype} cannot hold the first moment of complex parameter {where} ({dtype}): "
+                "a complex parameter needs a complex mu_dtype (or None)"
+            )
+
+
+def check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: bool) -> None:
+    """Refuses a state whose moments do not mirror the params (XLA would broadcast them silently)."""
+    if not isinstance(state, AdamWState):
+        raise TypeError(f"adamw: state must be the AdamWState made by init, got {type(state).__name__}")
+    treedef = jax.tree.structure(params)
+    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    fields = [("exp_avg", mu_dtype), ("exp_avg_sq", None)] + ([("max_exp_avg_sq", None)] if amsgrad else [])
+    for field, field_dtype in fields:
+        tree = getattr(state, field)
+        try:
+            leaves = treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"adamw: state.{field} does not match the parameter tree: {err}") from None
+        for where, leaf, p in zip(paths, leaves, jax.tree.leaves(params)):
+            if leaf is None or jnp.shape(leaf) != jnp.shape(p):
+                raise ValueError(f"adamw: state.{field} for parameter {where} has shape "
+                                 f"{None if leaf is None else jnp.shape(leaf)}, the parameter has shape {jnp.shape(p)}")
+            expected = jnp.dtype(field_dtype or jnp.result_type(p))
+            if jnp.result_type(leaf) != expected:
+                raise TypeError(f"adamw: state.{field} for parameter {where} has dtype {jnp.result_type(leaf)}, "
+                                f"expected {expected}")
+
+
+def check_grads(grads: optax.Updates, params: optax.Params) -> None:
+    params_def = jax.tree.structure(params)
+    grads_def = jax.tree.structure(grads)
+    if params_def != grads_def:
+        raise ValueError(
+            f"adamw: the gradient tree does not match the parameter tree:\n"
+            f"  params: {params_def}\n  grads:  {grads_def}"
+        )
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(params)):
+        where = jax.tree_util.keystr(path) or "<root>"
+        if jnp.shape(g) != jnp.shape(p):
+            raise ValueError(
+                f"adamw: gradient for parameter {where} has shape {jnp.shape(g)}, "
+                f"the parameter has shape {jnp.shape(p)}"
+            )
+        if jnp.result_type(g) != jnp.result_type(p):
+            raise TypeError(
+                f"adamw: gradient for parameter {where} has dtype {jnp.result_type(g)}, "
+                f"the parameter has dtype {jnp.result_type(p)}"
+            )
+
+
+def resolve_mask(mask: MaskOrFn, params: optax.Params) -> list[bool]:
+    """One Python bool per parameter leaf: True where weight decay applies."""
+    leaves = jax.tree.leaves(params)
+    if mask is None:
+        return [True] * len(leaves)
+    mask_tree = mask(params) if callable(mask) else mask
+    try:
+        flags = jax.tree.structure(params).flatten_up_to(mask_tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"adamw: mask does not match the parameter tree: {err}") from None
+    resolved = []
+    for flag in flags:
+        if isinstance(flag, jax.core.Tracer):
+            raise TypeError("adamw: mask leaves must be Python bools (they choose code paths), got a traced array")
+        resolved.append(bool(flag))
+    return resolved
