@@ -83,17 +83,20 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
                                 decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,
                                 tail_positions=tail_positions, mu_dtype=mu_dtype)
     scalars = scalars_by_dtype.get(jnp.dtype(jnp.float32))
-    for (decay, mode), indices in kernel_groups.items():
-        leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
-                  for i in indices]
-        out = cpu_kernel.step(leaves, jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
-                              [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize, decay=decay,
-                              amsgrad=amsgrad, mode=mode)
-        for i, (new_p, *moments) in zip(indices, out):
-            if mode == "moments":  # the param from the new moments, in XLA's pass with the caller's apply_updates
-                new_p = new_param(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
-                                   decay_rounding=decay_rounding, amsgrad=amsgrad)
-            results[i] = (new_p, *moments)
+    for (decay, mode), all_indices in kernel_groups.items():
+        for start in range(0, len(all_indices), KERNEL_LEAVES_PER_CALL):
+            indices = all_indices[start:start + KERNEL_LEAVES_PER_CALL]
+            leaves = [(param_leaves[i], grad_leaves[i], exp_avg_leaves[i], exp_avg_sq_leaves[i], max_leaves[i])
+                      for i in indices]
+            out = cpu_kernel.step(leaves,
+                                  jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
+                                  [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize,
+                                  decay=decay, amsgrad=amsgrad, mode=mode)
+            for i, (new_p, *moments) in zip(indices, out):
+                if mode == "moments":  # the param from the new moments, in XLA's pass with the caller's apply_updates
+                    new_p = new_param(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
+                                      decay_rounding=decay_rounding, amsgrad=amsgrad)
+                results[i] = (new_p, *moments)
     if delta is not None:
         # The kernel's "update" leaves hold their updates already (float32, as
         # delta gives float32 params); the others get theirs here.
@@ -105,6 +108,13 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
                            max_exp_avg_sq=new_max if amsgrad else None)
     return new_params, new_state
 
+
+# XLA's compile time over one custom call grows faster than linearly with its
+# operands (1,200 leaves in one call: 110 s to compile; in calls of 16: 2.4 s),
+# so the kernel takes at most this many leaves per call.  A call still splits
+# its elements over the thread pool, so large leaves lose nothing.
+# Measured: benchmarks/compile_time.py.
+KERNEL_LEAVES_PER_CALL = 16
 
 # In optax's update the kernel writes the update of leaves up to this many
 # elements; of larger ones only the moments, in place, and XLA computes the
