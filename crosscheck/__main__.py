@@ -1,23 +1,30 @@
-import signal
-import sys
+"""``python -m crosscheck`` and the ``crosscheck`` script: the CLI, with Ctrl-C and SIGTERM handled from its first line."""
 
-# Importing torch, JAX and flax takes seconds: a Ctrl-C then is an interrupt too.  The
-# handler also records it, in case Python swallowed the exception inside a gc callback.
-_early = []
+import os
 
 
-def _record(signum, frame):
-    _early.append(signum)
-    raise KeyboardInterrupt
+def run() -> None:
+    """Set up the process (spin count, signals), then run the CLI; exits with its status."""
+    # torch's OpenMP threads spin for GOMP_SPINCOUNT iterations after each parallel region (default 300000,
+    # about a millisecond) and take the cores XLA's threads need when a JAX step follows a torch step; on a
+    # busy 2-core machine the default makes cifar10 several times slower.  libgomp reads it once, when torch
+    # loads it: so here, before the CLI imports torch (a value the user set is kept).
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    from crosscheck.common import interrupt  # the standard library only
+
+    # Until main runs, a signal ends the process at once: interrupting torch's or JAX's import can crash it.
+    interrupt.install(at_once=True)  # crosscheck/__init__ did already, under python -m crosscheck: kept
+    code = 130
+    try:
+        from crosscheck.cli import main
+
+        code = main()
+    except KeyboardInterrupt as err:
+        interrupt.say(err)
+    except SystemExit as err:  # argparse: --help, a usage error
+        code = err.code
+    interrupt.finish(code)
 
 
-signal.signal(signal.SIGINT, _record)
-try:
-    from crosscheck.cli import main
-    if _early:
-        raise KeyboardInterrupt
-except KeyboardInterrupt:
-    print("interrupted (no report written)", file=sys.stderr)
-    sys.exit(130)
-
-sys.exit(main())
+if __name__ == "__main__":
+    run()

@@ -2,8 +2,9 @@
 
 Exit status: 0 when every check passes, 1 on a mismatch (the first failing
 step, leaf and element are printed), 2 on bad usage or input (arguments, data
-files, an ``--out`` that cannot be written: checked before the run starts),
-130 when interrupted (Ctrl-C: one line, no report written).
+files, an ``--out`` that cannot be written: checked before the run starts; a
+report that cannot be written at the end, the previous one left as it was),
+130 when interrupted (Ctrl-C or SIGTERM: one line, no report written).
 """
 
 from __future__ import annotations
@@ -14,23 +15,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-
+from crosscheck.common import dtypes, interrupt, report
+from crosscheck.common.arguments import directory, non_negative_int
 from crosscheck.trajectory import implementations
-from crosscheck.common import interrupt
-from crosscheck.common import report
+from crosscheck.trajectory import report as trajectory_report
 from crosscheck.trajectory import sources
 from crosscheck.trajectory.suite import DEFAULT_IMPLS, SUITE, Case, run_case
-from crosscheck.trajectory import report as trajectory_report
-from crosscheck.common import dtypes
 
 
 def _finish(results, out: Path | None) -> int:
     print(trajectory_report.markdown(results))
     if out is not None:
-        try:
+        with report.report_errors(out):
             paths = trajectory_report.write(results, out)
-        except OSError as err:
-            raise report.OutputError(f"--out {out}: cannot write the report ({err})") from None
         print("report: " + ", ".join(str(p) for p in paths.values()))
     failed = [(r.case, pair, s) for r in results for pair, s in r.summary.items() if not s["pass"]]
     for case, pair, s in failed:
@@ -45,9 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m crosscheck", formatter_class=formatter,
                                      description="Check that AdamW implementations agree, step by step.",
                                      epilog="Exit status: 0 pass, 1 mismatch, 2 usage or input error, 130 interrupted.")
-    parser.add_argument("--out", type=Path, default=Path("crosscheck-report"),
+    parser.add_argument("--out", type=directory, default=Path("crosscheck-report"),
                         help="directory for report.json, report.md and the PNG (default: %(default)s; cifar10, "
-                             "schedules, port and recipes write to their subfolder of that name when it is left "
+                             "schedules, port, recipes and gpu write to their subfolder of that name when it is left "
                              "at the default)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (bars are shown only when stderr is a terminal)")
@@ -55,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_common(command: argparse.ArgumentParser) -> None:
         # The same options after the subcommand; SUPPRESS keeps a value given before it.
-        command.add_argument("--out", type=Path, default=argparse.SUPPRESS,
+        command.add_argument("--out", type=directory, default=argparse.SUPPRESS,
                              help="directory for the report (as before the subcommand)")
         command.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
                              help="no progress bar (as before the subcommand)")
@@ -92,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=["free", "resync"], default="free",
                    help="free: each trajectory runs on its own; resync: reset to the baseline after each step")
     t.add_argument("--x64", action="store_true", help="enable jax_enable_x64 (float64, exact schedules)")
-    t.add_argument("--seed", type=int, default=0, help="parameters and gradients")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="parameters and gradients")
 
     from crosscheck.cifar import data as cifar10
     from crosscheck.cifar.parity import MODES, Config
@@ -112,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=Config.lr, help="learning rate")
     c.add_argument("--weight-decay", type=float, default=Config.weight_decay, help="decoupled weight decay")
     c.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (all epochs)")
-    c.add_argument("--seed", type=int, default=Config.seed, help="initial weights, shuffle and augmentation")
+    c.add_argument("--seed", type=non_negative_int, default=Config.seed,
+                   help="initial weights, shuffle and augmentation")
     c.add_argument("--replicas", type=int, default=Config.replicas,
                    help="independent mode: perturbed torch runs forming the noise band (default %(default)s)")
     c.add_argument("--perturbation", type=float, default=Config.perturbation,
@@ -146,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except report.OutputError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
-    except KeyboardInterrupt:  # also one arriving as the handler is installed or removed
-        print("interrupted (no report written)", file=sys.stderr)
+    except KeyboardInterrupt as err:  # also one arriving as the handler is installed or removed
+        interrupt.say(err)
         return 130
 
 
@@ -157,10 +155,9 @@ def _main(argv: Sequence[str] | None) -> int:
     # Frames of a progress bar ('\r') only belong on a terminal, not in a log file.
     progress = not args.no_progress and sys.stderr.isatty()
     default_out = args.out == Path("crosscheck-report")
-    if args.command in ("schedules", "cifar10", "port", "recipes") and default_out:
+    if args.command in ("schedules", "cifar10", "port", "recipes", "gpu") and default_out:
         args.out = Path("crosscheck-report") / args.command
-    if args.command in (None, "suite", "trajectory", "schedules", "cifar10", "port", "recipes"):
-        report.check_output_dir(args.out)  # before the run: an unwritable --out must not cost the results
+    report.check_output_dir(args.out)  # before the run, every command: an unwritable --out must not cost the results
     if args.command == "port":
         from crosscheck.port import command as port
         return port.run(args)

@@ -38,8 +38,11 @@ from jax.experimental.shard_alike import shard_alike
 from jax_impl import cuda_rounding
 from jax_impl._cpu_rounding import validate_order
 from jax_impl._dispatch import KERNELS, adamw_step, with_delta
-from jax_impl._state import (AdamWState, MaskOrFn, ScalarOrSchedule, check_grads, check_params, check_state,
-                             concrete_hyperparameter, dtype_of, exact_recorders, validate_hyperparameters)
+from jax_impl._state import (AdamWState, MaskOrFn, ScalarOrSchedule,
+                             check_grads, check_params, check_state,
+                             concrete_hyperparameter, dtype_of,
+                             exact_recorders, optax_update,
+                             validate_hyperparameters)
 
 
 def _is_complex(leaf) -> bool:
@@ -168,7 +171,8 @@ def adamw(
       weight_decay: decoupled weight decay :math:`\lambda`.
       amsgrad: use the running maximum of :math:`v_t` (Reddi et al., 2018).
       maximize: maximize the objective (the gradient is negated).
-      mask: a pytree of bools like the params, or a callable returning one;
+      mask: a pytree of bools like the params, or a callable returning one
+        (a leaf that is not a bool is a ``TypeError``);
         weight decay applies where True (as in ``optax.adamw``), like a torch
         param group with ``weight_decay=0`` where False.
       decay_rounding: ``"torch"`` multiplies by ``1 - lr*wd`` rounded to float32,
@@ -210,8 +214,9 @@ def adamw(
         ``nesterov`` and ``mu_dtype`` are optax's, with no CUDA-kernel twin:
         ``"auto"`` then takes the CPU rounding.
 
-    Hyperparameters may be arrays, as ``optax.inject_hyperparams`` passes
-    them: concrete ones are validated and used as Python floats; traced ones
+    Hyperparameters are real numbers (a complex number or a string is a
+    ``TypeError``, as in torch) or one-element arrays, as ``optax.inject_hyperparams``
+    passes them: concrete ones are validated and used as Python floats; traced ones
     (under ``jax.jit``) are not validated and the per-step scalars are computed
     in the graph in float64 (scoped ``jax.enable_x64``; float32 on TPU), which
     is bitwise torch's given the same floats (``tests/jax_impl_tests/test_optax_conventions.py``).
@@ -220,7 +225,9 @@ def adamw(
     real and imaginary parts are separate parameters); the moments are
     complex arrays like the params, their real views torch's moments.
     ``torch_layout`` and ``scalar_tail`` of a complex leaf refer to its real view.
-    Gradients of another floating dtype are cast to the params' dtypes.
+    In ``update`` (optax's path) gradients of another floating dtype are cast
+    to the params' dtypes before the step; :func:`apply_exact` refuses them
+    (``RuntimeError``), as torch refuses a ``.grad`` of another dtype.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (extra ``update`` arguments
@@ -228,8 +235,10 @@ def adamw(
       convention); ``optax.apply_updates`` recovers torch's parameters exactly
       wherever ``p_new - p`` is exact in that dtype (for float32 whenever
       ``p_new`` and ``p`` are within a factor 2, i.e. not for a parameter that
-      crosses or nears zero; for bfloat16/float16 rarely).  :func:`apply_exact`
-      returns the new params themselves and is exact everywhere.
+      crosses or nears zero; for bfloat16/float16 rarely).  Where ``p_new == p``
+      the update is 0 (bitwise ``p_new - p`` for a finite ``p``), so an infinite
+      param stays infinite.  :func:`apply_exact` returns the new params
+      themselves and is exact everywhere.
 
     References:
       Loshchilov & Hutter, `Decoupled Weight Decay Regularization
@@ -237,8 +246,9 @@ def adamw(
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2015.
     """
-    learning_rate, b1, b2, eps, weight_decay = (concrete_hyperparameter(x)
-                                                for x in (learning_rate, b1, b2, eps, weight_decay))
+    learning_rate, b1, b2, eps, weight_decay = (
+        concrete_hyperparameter(value, name) for value, name in zip(
+            (learning_rate, b1, b2, eps, weight_decay), ("learning_rate", "b1", "b2", "eps", "weight_decay")))
     validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
@@ -273,9 +283,9 @@ def adamw(
         del extra_args  # optax.GradientTransformationExtraArgs: extra arguments are for other transformations
         for record in exact_recorders:
             record(options, params)
-        def delta(new, old):
+        def delta(new, old):  # p_new - p, and 0 where p_new == p (an infinite p stays infinite)
             dtype = _update_dtype(old.dtype)
-            return new.astype(dtype) - old.astype(dtype)
+            return optax_update(new.astype(dtype), old.astype(dtype))
 
         # The step computes each leaf's delta itself (the CPU kernel writes it directly).
         return _conventions_step(updates, state, params, delta=delta, **options)

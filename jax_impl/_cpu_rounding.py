@@ -24,7 +24,6 @@ from jax_impl._state import is_traced
 from jax_impl._x64 import x64_scope
 from jax_impl.schedules import TorchSchedule
 
-
 # torch's fused CPU kernel runs 32-byte vectors (measured on AVX2 and AVX512
 # builds of torch 2.13); the remainder of each tensor takes the scalar path.
 TORCH_CPU_VECTOR_BYTES = 32

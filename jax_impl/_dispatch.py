@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import optax
 
 from jax_impl import cpu_kernel, cuda_rounding
-from jax_impl._cpu_rounding import (leaf_step, nesterov_scalars, new_param, opmath_dtype, resolve_tails,
-                                    step_scalars)
+from jax_impl._cpu_rounding import (leaf_step, nesterov_scalars, new_param,
+                                    opmath_dtype, resolve_tails, step_scalars)
 from jax_impl._state import AdamWState, check_grads, is_traced, resolve_mask
-
 
 KERNELS = ("auto", "xla", "cpu")
 

@@ -7,6 +7,7 @@ gets the same message whichever path runs.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 
 ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
@@ -43,18 +43,41 @@ def is_traced(value) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def concrete_hyperparameter(value):
+def _not_a_real_number(name: str, value) -> TypeError:
+    # torch's error for a complex or string lr (its `0.0 <= lr` check), plus our argument's name.
+    return TypeError(f"'<=' not supported between instances of 'float' and '{type(value).__name__}' "
+                     f"({name} must be a real number, got {value!r})")
+
+
+def concrete_hyperparameter(value, name: str = "hyperparameter"):
     """A Python float for a concrete number or array (so the host computes torch's scalars); a tracer as it is.
 
     ``optax.inject_hyperparams`` passes its hyperparameters as arrays: concrete
-    ones in ``init`` or outside ``jax.jit``, traced ones inside it.
+    ones in ``init`` or outside ``jax.jit``, traced ones inside it; complex ones
+    (imaginary part 0) for complex params.  A Python complex or a string is a
+    ``TypeError``, as torch makes it; so is a complex array with an imaginary
+    part, and an array of more than one element is a ``ValueError``.
     """
     if callable(value):
         return value
     if is_traced(value):
         # inject_hyperparams gives complex hyperparameters for complex params; their value is real.
         return jnp.real(value) if jnp.issubdtype(value.dtype, jnp.complexfloating) else value
-    return float(np.real(value))
+    if isinstance(value, numbers.Real):  # bool, int, float, NumPy's real scalars
+        return float(value)
+    if type(value) is complex or not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        raise _not_a_real_number(name, value)
+    array = np.asarray(value)
+    if array.dtype.kind not in "biufc":
+        raise _not_a_real_number(name, value)
+    if array.size != 1:  # torch: "Tensor lr must be 1-element"
+        raise ValueError(f"{name} must be a single number, got an array of shape {array.shape}")
+    number = array.reshape(()).item()
+    if isinstance(number, complex):
+        if number.imag != 0:
+            raise TypeError(f"{name} must be a real number, got {number!r}")
+        number = number.real
+    return float(number)
 
 
 def validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding) -> None:
@@ -103,6 +126,7 @@ def check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: bool
     """Refuses a state whose moments do not mirror the params (XLA would broadcast them silently)."""
     if not isinstance(state, AdamWState):
         raise TypeError(f"adamw: state must be the AdamWState made by init, got {type(state).__name__}")
+    check_count(state.count)
     treedef = jax.tree.structure(params)
     paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     fields = [("exp_avg", mu_dtype), ("exp_avg_sq", None)] + ([("max_exp_avg_sq", None)] if amsgrad else [])
@@ -120,6 +144,26 @@ def check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: bool
             if jnp.result_type(leaf) != expected:
                 raise TypeError(f"adamw: state.{field} for parameter {where} has dtype {jnp.result_type(leaf)}, "
                                 f"expected {expected}")
+
+
+def check_count(count) -> None:
+    """``state.count``: a scalar integer >= 0 (the number of updates applied); a traced one's value is not known."""
+    dtype = jnp.result_type(count)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"adamw: state.count has dtype {dtype}; it must be an integer (int32, as init makes it): "
+                        "the number of updates applied")
+    if jnp.shape(count) != ():
+        raise ValueError(f"adamw: state.count has shape {jnp.shape(count)}; it must be a scalar "
+                         "(the number of updates applied)")
+    if not is_traced(count) and int(count) < 0:
+        raise ValueError(f"adamw: state.count is {int(count)}; it must be >= 0 (the number of updates applied)")
+
+
+def optax_update(new, old):
+    """The optax update of a leaf, ``new - old``, and +0 where ``new == old``: bitwise ``new - old`` there too
+    (``x - x`` is +0) except at an infinite param, whose update is then 0, not ``inf - inf = nan``, so that
+    ``optax.apply_updates`` keeps it infinite as torch does.  The CPU kernel's update mode writes the same."""
+    return jnp.where(new == old, jnp.zeros_like(new), new - old)
 
 
 def check_grads(grads: optax.Updates, params: optax.Params) -> None:
@@ -154,9 +198,14 @@ def resolve_mask(mask: MaskOrFn, params: optax.Params) -> list[bool]:
         flags = jax.tree.structure(params).flatten_up_to(mask_tree)
     except (ValueError, TypeError) as err:
         raise ValueError(f"adamw: mask does not match the parameter tree: {err}") from None
+    paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     resolved = []
-    for flag in flags:
+    for where, flag in zip(paths, flags):
         if isinstance(flag, jax.core.Tracer):
             raise TypeError("adamw: mask leaves must be Python bools (they choose code paths), got a traced array")
+        if not (isinstance(flag, (bool, np.bool_)) or (isinstance(flag, (np.ndarray, jax.Array))
+                                                      and flag.shape == () and flag.dtype == np.bool_)):
+            raise TypeError(f"adamw: mask leaf for parameter {where} is {flag!r} ({type(flag).__name__}); mask "
+                            "leaves must be bools (True: weight decay applies)")
         resolved.append(bool(flag))
     return resolved

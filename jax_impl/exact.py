@@ -78,6 +78,11 @@ def _adamw_states(tree) -> list[tuple[AdamWState, dict | None]]:
     return found
 
 
+def _real_view(x):
+    """torch.view_as_real: a complex array as real pairs in a trailing axis of 2."""
+    return jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+
+
 def _same_bits_or_tiny(x, y):
     """x == y, NaN equal to NaN, values below the smallest normal taken as 0 (XLA:CPU may flush them)."""
     tiny = jnp.finfo(x.dtype).tiny
@@ -96,6 +101,32 @@ def _raise_if_changed(changed, wheres):
             "AdamW's params would drop. Put such transformations before adamw, or use optax.apply_updates.")
 
 
+# torch's names of the dtypes in its error for a .grad of another dtype: the gradient's C++ type, the tensor's ScalarType.
+_TORCH_CPP_TYPES = {"float16": "c10::Half", "bfloat16": "c10::BFloat16", "float32": "float", "float64": "double",
+                    "complex64": "c10::complex<float>", "complex128": "c10::complex<double>", "int8": "signed char",
+                    "uint8": "unsigned char", "int16": "short int", "int32": "int", "int64": "long int", "bool": "bool"}
+_TORCH_SCALAR_TYPES = {"float16": "Half", "bfloat16": "BFloat16", "float32": "Float", "float64": "Double",
+                       "complex64": "ComplexFloat", "complex128": "ComplexDouble"}
+
+
+def _check_gradient_dtypes(grads: optax.Updates, params: optax.Params) -> None:
+    """torch's rule: a gradient has its parameter's dtype (``param.grad = g`` raises otherwise); no silent cast."""
+    if jax.tree.structure(grads) != jax.tree.structure(params):
+        return  # tx.update names both trees
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(params)):
+        g_dtype, p_dtype = jnp.result_type(g), jnp.result_type(p)
+        if g_dtype != p_dtype:
+            torch_gradient = _TORCH_CPP_TYPES.get(g_dtype.name, g_dtype.name)
+            torch_tensor = _TORCH_SCALAR_TYPES.get(p_dtype.name, p_dtype.name)
+            raise RuntimeError(
+                f"apply_exact: gradient for parameter {jax.tree_util.keystr(path) or '<root>'} has dtype {g_dtype}, "
+                f"the parameter has dtype {p_dtype}, which torch refuses: attempting to assign a gradient with dtype "
+                f"'{torch_gradient}' to a tensor with grad_dtype '{torch_tensor}'. The gradient must match the "
+                "tensor's grad_dtype (defaults to the tensor's dtype). Cast the gradients to the params' dtypes "
+                "(jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)), or use tx.update and "
+                "optax.apply_updates, which cast them as optax accepts them.")
+
+
 def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
                 params: optax.Params, **extra_args: Any) -> tuple[optax.Params, optax.OptState]:
     """One step of ``tx`` returning the new params themselves, bitwise torch's for every AdamW leaf.
@@ -107,10 +138,15 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
     Leaves that no AdamW updates get ``p + u`` as with ``optax.apply_updates``.
     Jittable; donate ``params`` and ``state``.
 
+    Gradients must have their params' dtypes, as torch requires of ``.grad``
+    (``tx.update`` casts them, as optax accepts them).
+
     Raises:
+      RuntimeError: a gradient's dtype is not its parameter's (torch's error for such a ``.grad``).
       TypeError: ``tx`` contains no ``jax_impl.adamw``, or two update one leaf.
       UpdatesChangedError: (at run time) a transformation after adamw changed its updates.
     """
+    _check_gradient_dtypes(grads, params)
     step = getattr(tx.update, "exact_step", None)
     if step is not None and not extra_args:
         return step(grads, state, params)  # a bare adamw: its own step, one pass (the CPU kernel when it applies)
@@ -151,7 +187,7 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         if hyperparams is not None:
             # The values this step used (a schedule's, or what the user wrote into
             # state.hyperparams); concrete ones become Python floats, as adamw makes them.
-            options.update({k: _state.concrete_hyperparameter(v) for k, v in hyperparams.items()
+            options.update({k: _state.concrete_hyperparameter(v, k) for k, v in hyperparams.items()
                             if k in _INJECTABLE})
         owned = [index[k] for k in leaf_keys]
         if any(new_leaves[i] is not None for i in owned):
@@ -187,18 +223,24 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
             # The kernel's float32 moments were rounded when stored; its float32 update is exact instead.
             new_leaves[i] = (p.astype(jnp.float32) + u).astype(p.dtype)
             continue
-        opmath = _cpu_rounding.opmath_dtype(p.dtype)
+        opmath = _cpu_rounding.opmath_dtype(jnp.finfo(p.dtype).dtype)  # complex128: float64
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _cpu_rounding.step_scalars(options["learning_rate"], options["b1"], options["b2"],
                                                             options["weight_decay"], old.count, t, opmath)
         weight_decay = options["weight_decay"]
         decay = decay_flags[j] and (_state.is_traced(weight_decay) or weight_decay != 0)
-        stepped = _cpu_rounding.new_param(p, exp_avg[j], exp_avg_sq[j], maxes[j], scalars_by_dtype[opmath],
-                                    eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
-                                    amsgrad=options["amsgrad"]).astype(p.dtype)
+        complex_leaf = jnp.issubdtype(p.dtype, jnp.complexfloating)
+        # A complex param is torch's view_as_real: its real and imaginary parts are params of their own.
+        real = _real_view if complex_leaf else (lambda x: x)  # noqa: E731
+        stepped = _cpu_rounding.new_param(real(p), real(exp_avg[j]), real(exp_avg_sq[j]),
+                                          None if maxes[j] is None else real(maxes[j]), scalars_by_dtype[opmath],
+                                          eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
+                                          amsgrad=options["amsgrad"])
+        stepped = jax.lax.complex(stepped[..., 0], stepped[..., 1]).astype(p.dtype) if complex_leaf else \
+            stepped.astype(p.dtype)
         new_leaves[i] = jnp.where(applied, stepped, p)
         if jnp.result_type(u) != p.dtype:
             raise TypeError(f"apply_exact: the update of parameter {keys[i]} has dtype {jnp.result_type(u)}, "
                             f"jax_impl.adamw's has {p.dtype}: a transformation after adamw changed it")
-        own_update = stepped - p
+        own_update = _state.optax_update(stepped, p)
         checks.append((keys[i], jnp.any(applied & ~_same_bits_or_tiny(u, own_update))))

@@ -33,7 +33,9 @@ def apply_gradients_exact(state: Any, *, grads: Any, **kwargs) -> Any:
     Same signature and result as ``state.apply_gradients(grads=grads)`` (step
     incremented, params and opt_state replaced, ``kwargs`` replaced too), but
     the params are torch's bit for bit and the step moves 28 B/param instead of
-    36.  ``state.tx`` must be a :func:`jax_impl.adamw` transformation.  Jit it
+    36.  ``state.tx`` must be a :func:`jax_impl.adamw` transformation; the
+    gradients must have the params' dtypes, as torch's ``.grad`` must
+    (``RuntimeError`` otherwise; ``apply_gradients`` casts them).  Jit it
     with the state donated::
 
         @functools.partial(jax.jit, donate_argnums=0)

@@ -20,6 +20,7 @@ model its arrays (slices) inside the jitted train step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
@@ -61,16 +62,38 @@ class FlatLayout:
         self.sizes = sizes
 
     def flatten(self, tree: optax.Params) -> dict[str, jax.Array]:
-        """The buffers of a tree shaped like the params (params, grads): one concatenation per group."""
-        leaves = self.treedef.flatten_up_to(tree)
+        """The buffers of a tree shaped like the params (params, grads): one concatenation per group.
+
+        Raises ``ValueError`` for a tree of another structure or a leaf of another shape (its
+        elements would land in another leaf's slots).
+        """
+        treedef = jax.tree.structure(tree)
+        if treedef != self.treedef:
+            raise ValueError(f"FlatLayout.flatten: the tree does not match the layout's parameter tree:\n"
+                             f"  layout: {self.treedef}\n  tree:   {treedef}")
         parts: dict[str, list] = {group: [] for group in self.sizes}
-        for slot, leaf in zip(self.slots, leaves):
+        for slot, (path, leaf) in zip(self.slots, jax.tree_util.tree_flatten_with_path(tree)[0]):
+            if tuple(jnp.shape(leaf)) != slot.shape:
+                raise ValueError(f"FlatLayout.flatten: leaf {jax.tree_util.keystr(path) or '<root>'} has shape "
+                                 f"{tuple(jnp.shape(leaf))}, the layout's is {slot.shape}")
             parts[slot.group].append(jnp.ravel(leaf))
         return {group: jnp.concatenate(chunks) if chunks else jnp.zeros(0, self.dtypes[group])
                 for group, chunks in parts.items()}
 
     def unflatten(self, flat: dict[str, jax.Array]) -> optax.Params:
-        """The tree back, as slices of the buffers (free inside jit)."""
+        """The tree back, as slices of the buffers (free inside jit).
+
+        Raises ``ValueError`` unless ``flat`` has exactly the layout's buffers, each of its size.
+        """
+        if not isinstance(flat, Mapping):
+            got = f"an array of shape {tuple(jnp.shape(flat))}" if hasattr(flat, "shape") else type(flat).__name__
+            raise ValueError(f"FlatLayout.unflatten: expected a dict of buffers, got {got}")
+        if set(flat) != set(self.sizes):
+            raise ValueError(f"FlatLayout.unflatten: expected the buffers {sorted(self.sizes)}, got {sorted(flat)}")
+        for group, size in self.sizes.items():
+            if tuple(jnp.shape(flat[group])) != (size,):
+                raise ValueError(f"FlatLayout.unflatten: buffer {group!r} has shape {tuple(jnp.shape(flat[group]))}, "
+                                 f"the layout's is ({size},)")
         leaves = [jax.lax.slice(flat[slot.group], (slot.offset,), (slot.offset + slot.size,)).reshape(slot.shape)
                   for slot in self.slots]
         return self.treedef.unflatten(leaves)

@@ -17,6 +17,8 @@ class ExactOptimizer(nnx.Optimizer):
     ``MultiSteps``, ``multi_transform``, ``inject_hyperparams``,
     ``apply_if_finite``, ``jax_impl.param_groups``, ...).  Same constructor and
     ``update(model, grads, **kwargs)`` as ``nnx.Optimizer`` (kwargs go to ``tx.update``).
+    Gradients must have their params' dtypes, as torch's ``.grad`` must
+    (``RuntimeError`` otherwise; ``nnx.Optimizer`` casts them).
     """
 
     def update(self, model, grads, /, **kwargs):

@@ -8,7 +8,7 @@ import time
 from crosscheck.cifar import data as cifar10
 from crosscheck.cifar import report as cifar_report
 from crosscheck.cifar.parity import Config, run
-from crosscheck.common.report import OutputError
+from crosscheck.common.report import report_errors
 
 
 def main_run(cfg: Config, data_dir=None, download: bool = False, out=None, progress: bool = True) -> int:
@@ -26,10 +26,8 @@ def main_run(cfg: Config, data_dir=None, download: bool = False, out=None, progr
     print(cifar_report.markdown(result))
     print(f"{len(result.step_loss[result.runs[0]])} steps in {time.perf_counter() - started:.0f} s")
     if out is not None:
-        try:
+        with report_errors(out):
             paths = cifar_report.write(result, out)
-        except OSError as err:
-            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
         print("report: " + ", ".join(str(p) for p in paths))
     for check in result.checks:
         if not check["pass"]:

@@ -8,7 +8,11 @@ directory is: the ``data_dir`` argument, else ``$CROSSCHECK_CIFAR10_DIR``, else
 archive into it and checks its md5 before the file takes its final name.
 
 Every problem with the files raises :class:`DataError` naming the file and
-what is wrong with it.
+what is wrong with it: sizes are checked before anything is read (a batch of
+more than ``MAX_BATCH_BYTES``, an archive unpacking to more than
+``MAX_ARCHIVE_BYTES``), the batches are unpickled only after the whole gzip
+stream checked out, allowing numpy arrays only, and a batch without images
+is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_SIZE = 170_498_071  # bytes of the official archive: a file this size must have its md5
 FOLDER = "cifar-10-batches-py"
+# Sizes are checked before anything is read: an official batch file holds 31,035,704 bytes (10,000
+# images) and the whole archive unpacks to 186 MB, so a bigger member or stream is refused unread.
+MAX_BATCH_BYTES = 64 << 20
+MAX_ARCHIVE_BYTES = 512 << 20
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -93,6 +101,8 @@ def _parse_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{where}: not a CIFAR-10 batch file (expected keys 'data' and 'labels', found {keys})")
     data, labels = batch["data"], np.asarray(batch["labels"])
+    if isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[0] == 0 and len(labels) == 0:
+        raise DataError(f"{where}: holds no images (an empty batch; every CIFAR-10 batch file holds some)")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{where}: 'data' should be uint8 of shape (n, 3072), found "
                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
@@ -111,6 +121,10 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
             what = "a symlink (each batch must be its own file)" if path.is_symlink() else "missing"
             raise DataError(f"{path}: {what} (a CIFAR-10 folder holds {', '.join((*TRAIN_BATCHES, TEST_BATCH))})")
         try:
+            size = path.stat().st_size
+            if size > MAX_BATCH_BYTES:
+                raise DataError(f"{path}: holds {size:,} bytes, more than a CIFAR-10 batch file can "
+                                f"({MAX_BATCH_BYTES:,}; the official ones hold 31,035,704): refused unread")
             out[str(path)] = path.read_bytes()
         except OSError as err:
             raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
@@ -126,43 +140,72 @@ def _md5(path: Path) -> str:
 
 
 def _check_archive(archive: Path) -> None:
-    """The official archive's md5 (a file of its size); for any archive, the whole gzip stream's CRC.
-
-    tarfile stops reading where the last wanted member ends, so the CRC and
-    length at the end of the gzip stream would never be checked: one flipped
-    byte inside a batch loaded as changed pixels.
-    """
+    """The official archive's md5 (a file of its size)."""
     if archive.stat().st_size == ARCHIVE_SIZE and (md5 := _md5(archive)) != ARCHIVE_MD5:
         raise DataError(f"{archive}: md5 {md5}, the official archive has {ARCHIVE_MD5}: corrupt; "
                         f"delete it and download it again")
-    with gzip.open(archive) as stream:
-        while stream.read(1 << 22):
-            pass
+
+
+class _Bounded(io.RawIOBase):
+    """A read-only stream that refuses to give more than ``limit`` bytes: a gzip bomb is not unpacked."""
+
+    def __init__(self, stream, limit: int, archive: Path):
+        self.stream, self.left, self.limit, self.archive = stream, limit, limit, archive
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.stream.read(min(len(buffer), self.left + 1))
+        if len(chunk) > self.left:
+            raise DataError(f"{self.archive}: unpacks to more than {self.limit:,} bytes (the official archive "
+                            "unpacks to 186 MB): refused")
+        self.left -= len(chunk)
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
 
 
 def _read_archive(archive: Path) -> dict[str, bytes]:
-    out = {}
+    """The batch members, read in one pass over the stream, each checked (kind, size) before it is read.
+
+    The stream is read to its end, so the gzip CRC and length are checked
+    before any batch is unpickled (tarfile alone would stop where the last
+    wanted member ends: one flipped byte inside a batch loaded as changed pixels).
+    """
+    wanted = {f"{FOLDER}/{name}" for name in (*TRAIN_BATCHES, TEST_BATCH)}
+    found = {}
     try:
         _check_archive(archive)
-        with tarfile.open(archive, "r:gz") as tar:
-            for name in (*TRAIN_BATCHES, TEST_BATCH):
-                member = f"{FOLDER}/{name}"
-                try:
-                    info = tar.getmember(member)
-                except KeyError:
-                    raise DataError(f"{archive}: no member {member} (not the official CIFAR-10 python archive)") \
-                        from None
-                if not info.isreg():
-                    # extractfile() follows a link: a batch linked to another would load a duplicate.
-                    kind = "a link to " + info.linkname if info.issym() or info.islnk() else "not a regular file"
-                    raise DataError(f"{archive}: {member} is {kind}, not a regular file")
-                out[f"{archive}:{member}"] = tar.extractfile(info).read()
+        with gzip.open(archive) as unpacked:
+            stream = _Bounded(unpacked, MAX_ARCHIVE_BYTES, archive)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for info in tar:
+                    if info.name not in wanted:
+                        continue
+                    if info.name in found:
+                        raise DataError(f"{archive}: {info.name} appears twice (not the official CIFAR-10 python "
+                                        "archive)")
+                    if not info.isreg():
+                        # extracting a link would follow it: a batch linked to another would load a duplicate.
+                        kind = "a link to " + info.linkname if info.issym() or info.islnk() else "not a regular file"
+                        raise DataError(f"{archive}: {info.name} is {kind}, not a regular file")
+                    if info.size > MAX_BATCH_BYTES:
+                        raise DataError(f"{archive}: {info.name} holds {info.size:,} bytes, more than a CIFAR-10 "
+                                        f"batch file can ({MAX_BATCH_BYTES:,}; the official ones hold 31,035,704): "
+                                        "refused unread")
+                    found[info.name] = tar.extractfile(info).read()
+            while stream.read(1 << 22):  # the rest of the stream: gzip checks its CRC and length at the end
+                pass
     except PermissionError as err:
         raise DataError(f"{archive}: cannot be read ({err.strerror or err})") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:  # DataError passes through
         raise DataError(f"{archive}: truncated or corrupt archive ({type(err).__name__}: {err}); "
                         f"delete it and download it again (md5 {ARCHIVE_MD5})") from None
-    return out
+    missing = sorted(wanted - set(found))
+    if missing:
+        member = missing[0]
+        raise DataError(f"{archive}: no member {member} (not the official CIFAR-10 python archive)")
+    return {f"{archive}:{FOLDER}/{name}": found[f"{FOLDER}/{name}"] for name in (*TRAIN_BATCHES, TEST_BATCH)}
 
 
 def load(path: str | os.PathLike | None = None) -> CIFAR10:

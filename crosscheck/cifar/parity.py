@@ -47,10 +47,10 @@ import jax_impl
 import torch_impl
 from crosscheck import convert
 from crosscheck.cifar import data as cifar10
-from crosscheck.common import interrupt
 from crosscheck.cifar import models
-from crosscheck.common.metrics import distance
 from crosscheck.cifar.training import FlaxRun, TorchRun
+from crosscheck.common import interrupt
+from crosscheck.common.metrics import distance
 
 MODES = ("independent", "shared-grads")
 
@@ -150,6 +150,10 @@ def _max_ulps(params: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> int:
 
 def run(cfg: Config, data: cifar10.CIFAR10, progress: bool = True) -> Result:
     cfg.validate()
+    # No steps or no test set would make every check pass vacuously (cifar10.load refuses empty batch files).
+    for which, images in (("training", data.train_images), ("test", data.test_images)):
+        if len(images) == 0:
+            raise ValueError(f"{data.source}: no {which} images; nothing to train or compare on")
     baseline, flax_runs, replicas = build_runs(cfg)
     others = [*flax_runs, *replicas]
     everyone = [baseline, *others]

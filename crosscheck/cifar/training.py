@@ -22,8 +22,8 @@ from flax import nnx
 import jax_impl
 from crosscheck import convert
 from crosscheck.cifar import models
-from crosscheck.common.metrics import as_numpy
 from crosscheck.common import losses
+from crosscheck.common.metrics import as_numpy
 
 EVAL_BATCH = 500
 

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import torch
-
 
 DTYPES = {
     "float32": (np.float32, torch.float32, jnp.float32),

@@ -1,18 +1,25 @@
 """Checkpoints that are checked before they touch anything.
 
-JAX: params and the ``jax_impl.adamw`` state through orbax; torch: model and
-optimizer ``state_dict`` through ``torch.save``.  Every save writes SHA-256
-checksums: orbax checkpoints get ``crosscheck-manifest.json`` (one per file
-of the directory), torch checkpoints a ``"manifest"`` entry (one per tensor
-and value).  Restoring first verifies them (bit rot, a truncated or swapped
-file: :class:`CheckpointError` naming the file or entry), then compares the
-checkpoint with the running state entry by entry (paths, shapes, dtypes; for
-the optimizer also every state key, ``step`` and param-group option) and
-raises naming the first misfit *before* anything is loaded, so a refused
-checkpoint leaves the running state as it was.  Writes go to a temporary name
-first, so a crash leaves no half-written checkpoint under the final name; a
-partial one left by a killed save is removed by the next save (with a
-warning).  Cross-framework resumption is these plus :mod:`crosscheck.convert`.
+JAX: params and the ``jax_impl.adamw`` state through orbax (any pytrees,
+``nnx.State`` included, restored into templates of the same kind); torch:
+model and optimizer ``state_dict`` through ``torch.save``.  Every save writes
+a format version and SHA-256 checksums: orbax checkpoints get
+``crosscheck-manifest.json`` (one per file of the directory), torch
+checkpoints a ``"manifest"`` entry (one per tensor and value).  Restoring
+first checks the version (one this crosscheck does not know is refused) and
+the checksums (bit rot, a truncated or swapped file: :class:`CheckpointError`
+naming the file or entry), then compares the checkpoint with the running
+state entry by entry (paths, shapes, dtypes; for the optimizer also every
+state key, ``step`` and param-group option) and raises naming the first
+misfit *before* anything is loaded, so a refused checkpoint leaves the
+running state as it was.  Writes go to a temporary name first, so a crash
+leaves no half-written checkpoint under the final name; a partial one left by
+a killed save is removed by the next save (with a warning).  In a multi-process
+JAX job every process calls :func:`save_jax` (each writes its shards), the
+primary process alone writes the manifest and commits, between barriers, as
+orbax does.  :class:`CheckpointManager` keeps numbered checkpoints of a run:
+the latest valid step, the newest ``max_to_keep``.  Cross-framework resumption
+is these plus :mod:`crosscheck.convert`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ class CheckpointError(ValueError):
 
 
 MANIFEST = "crosscheck-manifest.json"
+FORMAT_VERSION = 1  # what save_jax and save_torch write
+KNOWN_FORMAT_VERSIONS = (1,)  # what restore_jax and restore_torch read (a manifest without one is version 1)
+
+
+def _check_version(manifest: Mapping, where: str) -> None:
+    version = manifest.get("format_version", 1)  # written before versions were: the same format as 1
+    if isinstance(version, bool) or not isinstance(version, int) or version not in KNOWN_FORMAT_VERSIONS:
+        raise CheckpointError(f"{where}: format_version {version!r}, this crosscheck reads format_version "
+                              f"{', '.join(map(str, KNOWN_FORMAT_VERSIONS))} (saved by a newer crosscheck? "
+                              "upgrade it to restore this checkpoint)")
 
 
 def _sha256_file(path: Path) -> str:
@@ -58,12 +75,16 @@ def _directory_digests(root: Path) -> dict[str, str]:
 def _verify_directory(root: Path) -> None:
     """Every file of an orbax checkpoint as :func:`save_jax` wrote it, or an error naming the first that is not."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text())["sha256"]
+        content = json.loads((root / MANIFEST).read_text())
+        manifest = content["sha256"]
+        if not isinstance(manifest, Mapping):
+            raise TypeError(f"'sha256' is a {type(manifest).__name__}, not an object")
     except FileNotFoundError:
         raise CheckpointError(f"{root}: no {MANIFEST} (not written by save_jax, or its save did not finish)") \
             from None
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise CheckpointError(f"{root / MANIFEST}: unreadable ({type(err).__name__}: {err})") from None
+    _check_version(content, str(root / MANIFEST))
     found = _directory_digests(root)
     for name, digest in manifest.items():
         if name not in found:
@@ -94,60 +115,123 @@ def _user_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _describe(path) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
-def _check_tree(saved: Any, like: Any, what: str) -> None:
-    """Same tree structure, shapes and dtypes, or an error naming the first misfit."""
-    saved_leaves = {_describe(p): x for p, x in jax.tree_util.tree_leaves_with_path(saved)}
-    like_leaves = {_describe(p): x for p, x in jax.tree_util.tree_leaves_with_path(like)}
-    missing = sorted(set(like_leaves) - set(saved_leaves))
-    extra = sorted(set(saved_leaves) - set(like_leaves))
+def _path_names(path) -> tuple[str, ...]:
+    names = tuple(_key_name(k) for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def _leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+    """Leaves by path of names, as orbax's metadata keys them (fields, dict keys and indices as strings).
+
+    An ``nnx.Variable`` holds its array under ``value`` (orbax's metadata too);
+    that last level is dropped, so an ``nnx.State`` and its pure dict
+    (``nnx.to_pure_dict``) have the same paths.
+    """
+    return {_path_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _show(names: tuple[str, ...]) -> str:
+    return "".join(f"[{n!r}]" for n in names) or "<root>"
+
+
+def _check_tree(saved: dict, like: dict, what: str) -> None:
+    """Same paths, shapes and dtypes (both by :func:`_leaves`), or an error naming the first misfit."""
+    missing = sorted(set(like) - set(saved))
+    extra = sorted(set(saved) - set(like))
     if missing:
-        raise CheckpointError(f"{what}: the checkpoint has no {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                               if len(missing) > 1 else ""))
+        raise CheckpointError(f"{what}: the checkpoint has no {_show(missing[0])}" + (
+            f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
-        raise CheckpointError(f"{what}: the checkpoint has {extra[0]}, which the running state has not")
-    for key, want in like_leaves.items():
-        got = saved_leaves[key]
+        raise CheckpointError(f"{what}: the checkpoint has {_show(extra[0])}, which the running state has not")
+    for key, want in like.items():
+        got = saved[key]
         if tuple(np.shape(got)) != tuple(np.shape(want)):
-            raise CheckpointError(f"{what}: {key} has shape {tuple(np.shape(got))} in the checkpoint, "
+            raise CheckpointError(f"{what}: {_show(key)} has shape {tuple(np.shape(got))} in the checkpoint, "
                                   f"{tuple(np.shape(want))} running")
         if np.dtype(got.dtype) != np.dtype(want.dtype):
-            raise CheckpointError(f"{what}: {key} has dtype {np.dtype(got.dtype)} in the checkpoint, "
+            raise CheckpointError(f"{what}: {_show(key)} has dtype {np.dtype(got.dtype)} in the checkpoint, "
                                   f"{np.dtype(want.dtype)} running")
 
 
 # ---------------------------------------------------------------- JAX (orbax)
 
-def save_jax(path: str | os.PathLike, params: Any, opt_state: Any) -> Path:
-    """Save params and optimizer state (any pytrees, e.g. ``jax_impl.AdamWState``) with orbax."""
+_barriers = 0  # every process saves in the same order, so the n-th barrier has one name in all of them
+
+
+def _sync(what: str, path: Path) -> None:
+    """orbax's barrier across the processes of a ``jax.distributed`` job (nothing in a single process)."""
+    from orbax.checkpoint import multihost
+
+    global _barriers
+    _barriers += 1
+    multihost.sync_global_processes(f"crosscheck_{what}_{_barriers}:{path}")
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def save_jax(path: str | os.PathLike, params: Any, opt_state: Any, *, force: bool = False) -> Path:
+    """Save params and optimizer state (any pytrees: dicts, ``nnx.State``, ``jax_impl.AdamWState``) with orbax.
+
+    An existing ``path`` is refused unless ``force=True`` (as orbax's
+    ``save(..., force=True)``): then the new checkpoint, complete, replaces it.
+    In a ``jax.distributed`` job every process calls this with its shards;
+    the primary process (0) writes the manifest and renames the checkpoint
+    into place after all have written theirs, and no process returns before.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    if path.exists():
-        raise CheckpointError(f"{path} exists; choose a new checkpoint path")
-    _remove_partials(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a checkpoint directory; choose a new checkpoint path")
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; choose a new checkpoint path (or pass force=True to replace it)")
     tmp = path.with_name(f".{path.name}.partial")
+    if _is_primary():
+        _remove_partials(path)
+    _sync("save_start", path)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp, {"params": params, "opt_state": opt_state})
-    (tmp / MANIFEST).write_text(json.dumps({"sha256": _directory_digests(tmp)}, indent=1))
-    os.replace(tmp, path)
+    _sync("shards_written", path)  # every process's files are in tmp
+    if _is_primary():
+        (tmp / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                "sha256": _directory_digests(tmp)}, indent=1))
+        old = path.with_name(f".{path.name}.replaced.partial")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    _sync("committed", path)
     return path
 
 
 def restore_jax(path: str | os.PathLike, params_like: Any, opt_state_like: Any) -> tuple[Any, Any]:
     """(params, opt_state) from :func:`save_jax`, placed and sharded like the ``*_like`` trees.
 
-    The checkpoint's tree, shapes and dtypes are checked against them first.
+    The templates may be arrays or ``jax.ShapeDtypeStruct`` (with shardings; without, the first local device),
+    in dicts, ``nnx.State`` or ``AdamWState``; what comes back has their
+    structure (an ``nnx.State`` template gives an ``nnx.State``, whichever kind
+    was saved).  The checkpoint's paths, shapes and dtypes are checked against them first.
     """
+    return _restore_jax(Path(path).absolute(), params_like, opt_state_like, verify=True)
+
+
+def _restore_jax(path: Path, params_like: Any, opt_state_like: Any, verify: bool) -> tuple[Any, Any]:
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint")
-    _verify_directory(path)  # before orbax reads a byte: a damaged file gives one clear line, not tracebacks
+    if verify:
+        _verify_directory(path)  # before orbax reads a byte: a damaged file gives one clear line, not tracebacks
     like = {"params": params_like, "opt_state": opt_state_like}
     with ocp.StandardCheckpointer() as checkpointer:
         try:
@@ -155,27 +239,144 @@ def restore_jax(path: str | os.PathLike, params_like: Any, opt_state_like: Any) 
         except Exception as err:  # orbax raises many types for an unreadable checkpoint
             raise CheckpointError(f"{path}: unreadable orbax metadata ({type(err).__name__}: {err})") from None
         saved = getattr(metadata, "item_metadata", metadata)
-        saved = getattr(saved, "tree", saved)
-        _check_tree(_plain(saved), _plain(like), f"JAX checkpoint {path.name}")
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                              like)
+        saved = _plain(getattr(saved, "tree", saved))
+        like_leaves = _leaves(like)
+        _check_tree(_leaves(saved), like_leaves, f"JAX checkpoint {path.name}")
+        # Restored in the checkpoint's own structure (orbax wants it), then put into the templates' structure;
+        # a template without a sharding (a NumPy array) is restored onto this process's first device.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=getattr(like_leaves[_path_names(p)],
+                                                                                    "sharding", None) or device),
+            saved)
         try:
-            restored = checkpointer.restore(path, target)
+            restored = _leaves(checkpointer.restore(path, target))
         except Exception as err:
             raise CheckpointError(f"{path}: orbax could not restore it ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    return restored["params"], restored["opt_state"]
+    out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), [restored[k] for k in like_leaves])
+    return out["params"], out["opt_state"]
 
 
 def _plain(tree: Any) -> Any:
-    """Nested dicts keyed by field name or index: what orbax's metadata holds for any pytree."""
-    if hasattr(tree, "_asdict"):
-        tree = tree._asdict()
+    """orbax's metadata as nested dicts and lists (its leaves kept)."""
     if isinstance(tree, Mapping):
-        return {str(k): _plain(v) for k, v in tree.items() if v is not None}
-    if isinstance(tree, (list, tuple)):
-        return {str(i): _plain(v) for i, v in enumerate(tree) if v is not None}
+        return {str(k): _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return [_plain(v) for v in tree]
     return tree
+
+
+class CheckpointManager:
+    """Numbered :func:`save_jax` checkpoints of one run in ``directory`` (``directory/<step>``), as orbax's manager.
+
+    ``save(step, params, opt_state)`` writes ``directory/<step>``, removes what
+    killed saves left in ``directory`` (hidden ``.<name>.partial*`` folders,
+    with a warning) and, with ``max_to_keep``, the oldest steps beyond the
+    newest ``max_to_keep``; ``latest_step()`` is the newest step whose
+    checkpoint verifies (version, checksums: a newer damaged or unfinished one
+    is skipped with a warning naming it); ``restore(step, params_like,
+    opt_state_like)`` restores it (``step=None``: the latest valid).  In a
+    ``jax.distributed`` job every process makes the same calls.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None):
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                        or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be None (keep all) or an integer >= 1, got {max_to_keep!r}")
+        self.directory = Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is not a directory; choose a checkpoint directory")
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to wait for (saves are synchronous); here for orbax's ``with CheckpointManager(...)``."""
+
+    def wait_until_finished(self) -> None:
+        """Nothing to wait for (saves are synchronous), as for orbax's manager."""
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / str(_check_step(step))
+
+    def all_steps(self) -> list[int]:
+        """Every step with a checkpoint folder, oldest first (valid or not; hidden partial folders never)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.is_dir() and p.name.isascii() and p.name.isdigit() and p.name == str(int(p.name)))
+
+    def latest_step(self) -> int | None:
+        """The newest step whose checkpoint verifies, or None; newer ones that do not are skipped, with a warning."""
+        for step in reversed(self.all_steps()):
+            try:
+                _verify_directory(self.step_path(step))
+            except CheckpointError as err:
+                warnings.warn(f"skipping step {step}: {err}", stacklevel=2)
+                continue
+            return step
+        return None
+
+    def save(self, step: int, params: Any, opt_state: Any, *, force: bool = False) -> Path:
+        """Save step ``step`` (refused if it exists, unless ``force=True``); then keep the newest ``max_to_keep``."""
+        path = self.step_path(step)
+        if path.exists() and not force:
+            raise CheckpointError(f"{self.directory}: step {step} already exists (pass force=True to replace it)")
+        if _is_primary():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for partial in sorted(self.directory.glob(".*.partial*")):
+                warnings.warn(f"removing {partial}: a partial checkpoint left by an interrupted save", stacklevel=2)
+                shutil.rmtree(partial) if partial.is_dir() else partial.unlink(missing_ok=True)
+        _sync("manager_ready", self.directory)
+        save_jax(path, params, opt_state, force=force)
+        if self.max_to_keep is not None:  # this step and the newest max_to_keep - 1 others stay
+            others = [s for s in self.all_steps() if s != step]
+            doomed = others[:max(0, len(others) - (self.max_to_keep - 1))]
+            _sync("listed", self.directory)  # every process has listed the steps before one is removed
+            if _is_primary():
+                for old in doomed:
+                    self._remove(old)
+            _sync("pruned", self.directory)
+        return path
+
+    def restore(self, step: int | None, params_like: Any, opt_state_like: Any) -> tuple[Any, Any]:
+        """(params, opt_state) of ``step``, or of :meth:`latest_step` if None, as :func:`restore_jax` gives them."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"{self.directory}: no valid checkpoint (steps found: {self.all_steps()})")
+            return _restore_jax(self.step_path(step), params_like, opt_state_like, verify=False)  # just verified
+        path = self.step_path(step)
+        if not path.is_dir():
+            raise CheckpointError(f"{self.directory}: no step {step} (steps found: {self.all_steps()})")
+        return restore_jax(path, params_like, opt_state_like)
+
+    def delete(self, step: int) -> None:
+        """Remove step ``step`` (every process calls it; the primary removes)."""
+        path = self.step_path(step)
+        _sync("delete", path)  # no process still reads it
+        if _is_primary():
+            self._remove(step)
+        _sync("deleted", path)
+
+    def _remove(self, step: int) -> None:
+        """Renamed to a hidden partial first, so a killed removal leaves no half step."""
+        path = self.step_path(step)
+        if path.is_dir():
+            doomed = path.with_name(f".{path.name}.deleted.partial")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+
+
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return int(step)
 
 
 # ---------------------------------------------------------------- torch
@@ -200,16 +401,32 @@ def _entry_digests(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def save_torch(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """``torch.save({"model": ..., "optimizer": ..., "manifest": checksums})``, written atomically."""
+    """``torch.save({"model": ..., "optimizer": ..., "manifest": version and checksums})``, written atomically.
+
+    ``path`` is a file name in an existing folder; an existing file is replaced
+    (as ``torch.save`` does), a directory is refused.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; save_torch writes a file (give a file name, e.g. "
+                              f"{path / 'checkpoint.pt'})")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise CheckpointError(f"{path}: cannot save, the folder {path.parent} {what} (create it first)")
     _remove_partials(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot save ({err.strerror or err})") from None
     os.close(fd)
     try:
         content = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        torch.save({**content, "manifest": {"sha256": _entry_digests(content)}}, tmp)
+        torch.save({**content, "manifest": {"format_version": FORMAT_VERSION, "sha256": _entry_digests(content)}},
+                   tmp)
         _user_mode(Path(tmp))
         os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot save ({err.strerror or err})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -230,8 +447,8 @@ def restore_torch(path: str | os.PathLike, model: torch.nn.Module, optimizer: to
                               "save_torch)")
     _verify_entries(path, checkpoint)
     what = f"torch checkpoint {path.name}"
-    _check_tree({k: as_numpy(v) for k, v in checkpoint["model"].items()},
-                {k: as_numpy(v) for k, v in model.state_dict().items()}, f"{what} model")
+    _check_tree({(str(k),): as_numpy(v) for k, v in sorted(checkpoint["model"].items())},
+                {(str(k),): as_numpy(v) for k, v in sorted(model.state_dict().items())}, f"{what} model")
     _check_optimizer(checkpoint["optimizer"], optimizer, what)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -241,6 +458,7 @@ def _verify_entries(path: Path, checkpoint: Mapping) -> None:
     manifest = checkpoint["manifest"].get("sha256") if isinstance(checkpoint["manifest"], Mapping) else None
     if not isinstance(manifest, Mapping):
         raise CheckpointError(f"{path}: unreadable manifest")
+    _check_version(checkpoint["manifest"], f"{path}: manifest")
     found = _entry_digests({"model": checkpoint["model"], "optimizer": checkpoint["optimizer"]})
     for name in sorted(set(manifest) | set(found)):
         if manifest.get(name) != found.get(name):

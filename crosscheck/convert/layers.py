@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from crosscheck.convert.trees import Path
 
 

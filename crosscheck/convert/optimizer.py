@@ -12,23 +12,66 @@ import jax_impl
 from crosscheck.common.metrics import as_numpy
 from crosscheck.convert.layers import ConversionError, Layer
 from crosscheck.convert.trees import nest
-from crosscheck.convert.weights import check_dtypes, check_keys, check_shapes, params_to_flax_flat, params_to_torch
+from crosscheck.convert.weights import (check_dtypes, check_keys, check_shapes,
+                                        moment_tree, param_entries,
+                                        params_to_flax_flat, params_to_torch)
 from jax_impl.groups import leaves_by_path, refill
-from crosscheck.convert.weights import moment_tree, param_entries
-
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+COUNT_MAX = 2 ** 31 - 1  # jax_impl.AdamWState.count is int32, as optax's counts are
+
+
+def _whole_count(value) -> int | None:
+    """``value`` (a number, 0-d tensor or array) as an int in 0..COUNT_MAX, else None."""
+    if torch.is_tensor(value) or isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        if np.ndim(value) != 0:
+            return None
+        value = as_numpy(value).item() if torch.is_tensor(value) else np.asarray(value).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():  # also nan and inf
+        return None
+    return int(value) if 0 <= value <= COUNT_MAX else None
+
+
+def _shown(value) -> str:
+    if (torch.is_tensor(value) or isinstance(value, (np.ndarray, jax.Array))) and np.ndim(value) != 0:
+        return f"a {'tensor' if torch.is_tensor(value) else 'array'} of shape {tuple(np.shape(value))}"
+    return repr(as_numpy(value).item() if torch.is_tensor(value) else np.asarray(value).item()
+                if isinstance(value, (np.ndarray, np.generic, jax.Array)) else value)
+
+
+def _checked_count(count) -> int:
+    """A ``jax_impl.AdamWState.count`` as the step torch will store, or an error: never truncated or wrapped."""
+    from flax import nnx
+
+    if isinstance(count, nnx.Variable):  # an nnx.Optimizer's state, or one restored into its templates
+        count = count.get_value()
+    value = _whole_count(count)
+    if value is None:
+        raise ConversionError(f"AdamWState.count {_shown(count)} is not a whole number in 0..{COUNT_MAX} "
+                              "(the number of steps taken)")
+    return value
+
+
+def _jax_dtypes_kept(flat: Mapping, what: str, allow_dtype_change: bool) -> None:
+    """Without a template: refuse what jnp.asarray would narrow (64-bit arrays without jax_enable_x64)."""
+    template = {key: np.empty(0, jnp.asarray(np.empty(0, np.asarray(x).dtype)).dtype) for key, x in flat.items()}
+    check_dtypes(flat, template, what, allow_dtype_change)
 
 
 def torch_optimizer_to_jax(optimizer_state: Mapping, layers: Sequence[Layer], names: Sequence[str],
-                           params: Mapping | None = None) -> jax_impl.AdamWState:
+                           params: Mapping | None = None, *, allow_dtype_change: bool = False) -> jax_impl.AdamWState:
     """A ``jax_impl.AdamWState`` from a ``torch.optim.AdamW`` / ``torch_impl.AdamW`` ``state_dict()``.
 
     ``names`` are the torch parameter names in the optimizer's order
     (:func:`param_names`).  The moments come as a nested dict shaped like the
     Flax params (linen's ``variables["params"]``, or ``nnx.state(model, nnx.Param)``);
-    with ``params`` given, paths and shapes are checked against it.  Torch keeps
-    one float32 ``step`` per parameter, JAX one integer count: they must agree.
+    with ``params`` given, paths, shapes and dtypes are checked against it
+    (without, a moment JAX would narrow, float64 without ``jax_enable_x64``, is
+    refused); ``allow_dtype_change=True`` casts instead.  Torch keeps one
+    float32 ``step`` per parameter, JAX one int32 count: each step must be a
+    whole number in 0..2**31 - 1, and all must agree.
     """
     state = optimizer_state.get("state", {})
     extra = set(state) - set(range(len(names)))
@@ -46,10 +89,18 @@ def torch_optimizer_to_jax(optimizer_state: Mapping, layers: Sequence[Layer], na
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment not in state[index]:
                     raise ConversionError(f"optimizer state: parameter {index} ({name!r}) has no {moment!r}")
-        steps = {name: float(as_numpy(state[i]["step"])) for i, name in enumerate(names)}
-        if len(set(steps.values())) != 1 or not float(next(iter(steps.values()))).is_integer():
+            if "step" not in state[index]:
+                raise ConversionError(f"optimizer state: parameter {index} ({name!r}) has no 'step'")
+        steps = {}
+        for index, name in enumerate(names):
+            steps[name] = _whole_count(state[index]["step"])
+            if steps[name] is None:
+                raise ConversionError(f"optimizer state: parameter {index} ({name!r}): step "
+                                      f"{_shown(state[index]['step'])} is not a whole number in 0..{COUNT_MAX} "
+                                      "(jax_impl.AdamWState.count is int32)")
+        if len(set(steps.values())) != 1:
             raise ConversionError(f"optimizer state: per-parameter steps {steps} are not one integer count")
-        count = int(next(iter(steps.values())))
+        count = next(iter(steps.values()))
         has_max = {name for (i, name, *_) in entries if "max_exp_avg_sq" in state[i]}
         if has_max and len(has_max) != len(entries):
             raise ConversionError(f"optimizer state: max_exp_avg_sq (amsgrad) for {sorted(has_max)} only")
@@ -60,6 +111,15 @@ def torch_optimizer_to_jax(optimizer_state: Mapping, layers: Sequence[Layer], na
         template = moment_tree(params)
         check_keys(moments["exp_avg"], template, "optimizer state")
         check_shapes(moments["exp_avg"], template, "optimizer state")
+    for moment in _MOMENTS if state else ():
+        if moments[moment]:
+            if params is not None:
+                check_dtypes(moments[moment], template, f"optimizer state {moment}", allow_dtype_change)
+            else:
+                _jax_dtypes_kept(moments[moment], f"optimizer state {moment}", allow_dtype_change)
+    if allow_dtype_change and params is not None and state:
+        moments = {m: {p: np.asarray(x).astype(np.asarray(template[p]).dtype) for p, x in flat.items()}
+                   for m, flat in moments.items()}
     tree = lambda flat: nest({p: jnp.asarray(x) for p, x in flat.items()})  # noqa: E731
     return jax_impl.AdamWState(jnp.asarray(count, jnp.int32), tree(moments["exp_avg"]),
                                tree(moments["exp_avg_sq"]),
@@ -71,9 +131,10 @@ def jax_optimizer_to_torch(state: jax_impl.AdamWState, layers: Sequence[Layer], 
     """A ``state_dict`` for ``torch.optim.AdamW.load_state_dict`` from a ``jax_impl.AdamWState``.
 
     ``param_groups`` are the target optimizer's (``optimizer.state_dict()["param_groups"]``);
-    the moments may be nested dicts or ``nnx.State``.
+    the moments may be nested dicts or ``nnx.State``; the count must be a whole
+    number in 0..2**31 - 1 (never truncated).
     """
-    count = int(np.asarray(state.count))
+    count = _checked_count(state.count)
     trees = {"exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq, "max_exp_avg_sq": state.max_exp_avg_sq}
     moments = {moment: params_to_torch(tree, layers, names) for moment, tree in trees.items() if tree is not None}
     torch_state = {index: {"step": torch.tensor(float(count), dtype=torch.float32),
@@ -86,7 +147,8 @@ def load_nnx_optimizer_state(optimizer, state: jax_impl.AdamWState) -> None:
     """Put a converted ``jax_impl.AdamWState`` (moments as nested dicts) into an ``nnx.Optimizer``.
 
     Everything is checked before anything is written (a refused state leaves
-    the optimizer as it was); the optimizer's ``step`` becomes the state's count.
+    the optimizer as it was); the optimizer's ``step`` becomes the state's count
+    (a whole number in 0..2**31 - 1).
     """
     from flax import nnx
 
@@ -94,6 +156,7 @@ def load_nnx_optimizer_state(optimizer, state: jax_impl.AdamWState) -> None:
     if not isinstance(current, jax_impl.AdamWState):
         raise ConversionError(f"the nnx.Optimizer's state is a {type(current).__name__}, not a jax_impl.AdamWState "
                               "(build it with tx=jax_impl.adamw(...))")
+    count = _checked_count(state.count)
     if (current.max_exp_avg_sq is None) != (state.max_exp_avg_sq is None):
         raise ConversionError("amsgrad differs: one state has max_exp_avg_sq and the other has not")
     writes = []
@@ -109,10 +172,10 @@ def load_nnx_optimizer_state(optimizer, state: jax_impl.AdamWState) -> None:
         writes.append((target, nest(flat)))
     for target, values in writes:
         nnx.replace_by_pure_dict(target, values, lambda var, value: var.set_value(value) or var)
-    current.count.set_value(jnp.asarray(state.count, current.count.get_value().dtype))
+    current.count.set_value(jnp.asarray(count, current.count.get_value().dtype))
     step = getattr(optimizer, "step", None)
     if step is not None:
-        step.set_value(jnp.asarray(state.count, step.get_value().dtype))
+        step.set_value(jnp.asarray(count, step.get_value().dtype))
 
 
 def torch_optimizer_groups_to_jax(optimizer_state: Mapping, layers: Sequence, names: Sequence[str], tx, params) -> Any:

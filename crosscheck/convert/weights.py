@@ -1,33 +1,8 @@
-"""Model weights and AdamW state between a torch ``state_dict`` and Flax.
+"""Model weights between a torch ``state_dict`` and Flax (linen variables, nnx models), and ``torch_layout``.
 
-Flax keeps a layer's arrays in channels-last layouts; torch keeps them
-channels-first.  Every conversion here is a pure permutation of elements
-(transposes and reshapes, never arithmetic), so round trips are exact:
-
-============  =============================  ==================================
-torch layer   torch key (layout)             Flax leaf (collection, layout)
-============  =============================  ==================================
-Conv{1,2,3}d  weight (O, I, *K), bias        kernel (*K, I, O), bias   (params)
-Linear        weight (out, in), bias         kernel (in, out), bias    (params)
-BatchNorm     weight, bias                   scale, bias               (params)
-              running_mean, running_var      mean, var            (batch_stats)
-LayerNorm,    weight, bias                   scale, bias               (params)
-GroupNorm
-Embedding     weight (num, features)         embedding (num, features) (params)
-============  =============================  ==================================
-
-A Linear fed by torch's NCHW flatten (``x.view(-1, C*H*W)`` after a conv
-stack) sees its inputs in (C, H, W) order, while the Flax port flattens NHWC
-in (H, W, C) order: give that layer ``flatten_from=(C, H, W)`` and its kernel
-rows are permuted to match (without it the port's outputs are simply wrong).
-
-BatchNorm's ``num_batches_tracked`` has no Flax counterpart; converting back,
-it is taken from ``reference`` (the target's current ``state_dict()``) or set to 0.
-
-The AdamW state converts with the same layouts: ``exp_avg``, ``exp_avg_sq`` and
-``max_exp_avg_sq`` of a parameter move exactly as its weight does; torch's
-per-parameter float32 ``step`` becomes ``jax_impl.AdamWState.count``; torch's
-parameter indices (the optimizer's order) become pytree paths.
+Each conversion moves every array by its layer's kind (:mod:`crosscheck.convert.layers`):
+a pure permutation of elements, so round trips are exact.  The table of layouts is
+in :mod:`crosscheck.convert`'s docstring.
 """
 
 from __future__ import annotations
@@ -43,9 +18,10 @@ import torch
 
 from crosscheck.common.dtypes import DTYPES, to_torch
 from crosscheck.common.metrics import as_numpy
-from crosscheck.convert.layers import ConversionError, KINDS, Layer, FLAX_OPTIONAL, OPTIONAL, array_to_flax, array_to_torch, expected_torch_shape
+from crosscheck.convert.layers import (FLAX_OPTIONAL, KINDS, OPTIONAL,
+                                       ConversionError, Layer, array_to_flax,
+                                       array_to_torch, expected_torch_shape)
 from crosscheck.convert.trees import Path, flatten, nest, show
-
 
 # Layout transforms, torch -> Flax and back.  Pure permutations: exact.
 

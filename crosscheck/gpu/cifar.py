@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from crosscheck.gpu.settings import Clock, Settings, say
+
 from crosscheck.common.losses import torch_cross_entropy
+from crosscheck.gpu.settings import Clock, Settings, say
 
 
 def part_cifar10(settings: Settings, out: Path, clock: Clock, partial: dict) -> dict:
@@ -14,8 +15,8 @@ def part_cifar10(settings: Settings, out: Path, clock: Clock, partial: dict) -> 
     from crosscheck import convert
     from crosscheck.cifar import data as cifar10
     from crosscheck.cifar import models
-    from crosscheck.common.metrics import distance
     from crosscheck.cifar.training import FlaxRun
+    from crosscheck.common.metrics import distance
 
     try:
         data = cifar10.load(settings.data_dir)

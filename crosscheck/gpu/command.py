@@ -24,8 +24,10 @@ report whether it passed, failed, ran out of time or raised (the others go on):
 Without a GPU (torch without CUDA, or JAX without a GPU backend) it says so
 and exits 2; ``--dry-run`` runs every part on the CPU at tiny sizes instead,
 so CI tests the plumbing.  Exit status: 0 every part ran and parity held, 1 a
-mismatch or a part that failed or ran out of time, 2 usage or no GPU, 130
-interrupted (the report so far is written).
+mismatch or a part that failed or ran out of time, 2 usage, no GPU or an
+``--out`` that cannot be written (checked before any part runs), 130
+interrupted (Ctrl-C or SIGTERM: the report so far is written, and one line
+on stderr says where).
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from crosscheck.common import interrupt
 from crosscheck.gpu.cifar import part_cifar10
 from crosscheck.gpu.parity import part_parity
-from crosscheck.gpu.settings import Clock, PartTimeout, Settings, free_device_memory, say
+from crosscheck.gpu.report import markdown, write_report
+from crosscheck.gpu.settings import (Clock, PartTimeout, Settings,
+                                     free_device_memory, say)
 from crosscheck.gpu.speed import part_step_time
 from crosscheck.gpu.training import part_train_step
-from crosscheck.gpu.report import markdown, write_report
-
 
 PARTS = ("parity", "step_time", "train_step", "cifar10")
 # Share of the budget per part; time a part leaves unused goes to the later ones.
@@ -86,6 +90,8 @@ def run(args) -> int:
     # and must give freed buffers back (the 1e9 benchmarks need the memory in turn).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+    from crosscheck.common.report import check_output_dir, report_errors
+
     out = args.out if args.out != Path("crosscheck-report") else Path("crosscheck-report/gpu")
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
@@ -102,6 +108,7 @@ def run(args) -> int:
             print(f"error: no GPU: {reason}; nothing measured (--dry-run runs the plumbing on the CPU)",
                   file=sys.stderr)
             return 2
+    check_output_dir(out)  # the CLI did; gpu.run(args) may be called directly
     settings = Settings("cpu" if args.dry_run else "cuda", args.dry_run,
                         progress=not args.no_progress and sys.stderr.isatty(), data_dir=args.data_dir)
     report = {"command": "python -m crosscheck gpu", "dry_run": args.dry_run, "budget_s": args.budget,
@@ -116,16 +123,19 @@ def run(args) -> int:
         try:
             report["parts"][name] = _run_part(name, settings, out, Clock(time.monotonic() + seconds), seconds)
         except KeyboardInterrupt:
+            interrupt.acknowledge()  # handled: the report so far is written (a second signal stops that too)
             report["parts"][name] = {"status": "interrupted"}
             interrupted = True
             break
         say(f"part {name}: {report['parts'][name]['status']} in {report['parts'][name].get('seconds', 0):.0f} s")
     report["seconds"] = time.monotonic() - started
     report["passed"] = all(p.get("status") in ("pass", "skipped") for p in report["parts"].values())
-    paths = write_report(report, out)
+    with report_errors(out):
+        paths = write_report(report, out)
     print(markdown(report))
     print("report: " + ", ".join(str(p) for p in paths))
     if interrupted:
+        print(f"interrupted (the report so far is in {out})", file=sys.stderr)
         return 130
     return 0 if report["passed"] else 1
 

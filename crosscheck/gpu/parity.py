@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crosscheck.trajectory import implementations
-from crosscheck.common import reference
+from crosscheck.common import dtypes, reference
 from crosscheck.gpu.settings import Clock, Settings, say
-from crosscheck.trajectory import suite
+from crosscheck.trajectory import implementations
 from crosscheck.trajectory import report as trajectory_report
-from crosscheck.common import dtypes
+from crosscheck.trajectory import suite
 
 
 def _device_names(device: str) -> dict[str, str]:

@@ -4,16 +4,14 @@ from pathlib import Path
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
-    from crosscheck.common.report import strict_json, write_text
+    """report.json (strict), report.md and summary.png under ``out``, renamed into place together."""
+    from crosscheck.common.report import strict_json
+    from crosscheck.common.report import write_report as write_files
 
     out = Path(out)
-    json_path, md_path = out / "report.json", out / "report.md"
-    write_text(json_path, strict_json(report))
-    write_text(md_path, markdown(report))
-    paths = [json_path, md_path]
-    summary_png = out / "summary.png"
-    _plot_summary(report, summary_png)
-    paths.append(summary_png)
+    paths = [out / "report.json", out / "report.md", out / "summary.png"]
+    texts = {paths[0]: strict_json(report), paths[1]: markdown(report)}
+    write_files(texts, paths[2], summary_figure(report))
     return paths
 
 
@@ -131,24 +129,24 @@ def _md_cifar10(report: dict) -> list[str]:
     return lines
 
 
-def _plot_summary(report: dict, path: Path) -> None:
+def summary_figure(report: dict):
     """Step time against params per implementation and layout (or a note when nothing was timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from crosscheck.common.report import atomic_write
-
     rows = (report["parts"].get("step_time") or {}).get("rows") or []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if rows:
-        for name in dict.fromkeys(r["implementation"] for r in rows):
+        # One colour per implementation; the layout is the line style.
+        for index, name in enumerate(dict.fromkeys(r["implementation"] for r in rows)):
             for layout, style in (("one", "-"), ("many", "--")):
                 points = sorted((r["params"], r["ms"]) for r in rows
                                 if r["implementation"] == name and r["layout"] == layout)
                 if points:
-                    ax.plot(*zip(*points), style, marker="o", lw=1, label=f"{name} ({layout})")
+                    ax.plot(*zip(*points), style, marker="o", lw=1, color=plt.cm.tab10(index % 10),
+                            label=f"{name} ({layout})")
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="ms / step",
                title="AdamW step time" + (" (dry run, CPU)" if report["dry_run"] else ""))
         ax.legend(fontsize=6)
@@ -156,5 +154,4 @@ def _plot_summary(report: dict, path: Path) -> None:
         ax.text(0.5, 0.5, "no step times measured", ha="center", va="center")
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    return fig

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from crosscheck.gpu.settings import Clock, Settings, benchmark_module, free_device_memory, say
 
+from crosscheck.gpu.settings import (Clock, Settings, benchmark_module,
+                                     free_device_memory, say)
 
 STEP_TIME_IMPLS = ("jax_impl.adamw", "jax_impl.adamw[xla; torch-cpu rounding]", "optax.adamw",
                    "torch.optim.AdamW(fused)", "torch.optim.AdamW(foreach)")

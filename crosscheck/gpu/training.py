@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from crosscheck.gpu.settings import Clock, Settings, benchmark_module, free_device_memory, say
+
+from crosscheck.gpu.settings import (Clock, Settings, benchmark_module,
+                                     free_device_memory, say)
 
 
 def _transformer_pair(vocab: int, width: int, depth: int, heads: int, seq: int):

@@ -11,7 +11,7 @@ errors.png: every module's output error against its rounding band), then
 ``assert_trajectories_match`` over ``--steps`` steps, and, with ``--resume``,
 checks that k torch steps + k ``jax_impl`` steps after converting the AdamW
 state equal 2k torch steps bitwise.  Exit status: 0 pass, 1 mismatch, 2 bad
-usage or input.
+usage or input (errors on stderr), also a report that cannot be written.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import sys
 from pathlib import Path
 
 import numpy as np
+
 from crosscheck.common import losses
+from crosscheck.common.arguments import non_negative_int
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,9 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="layers_of flatten_from for a Linear after a channels-first flatten (repeatable)")
     p.add_argument("--transpose-kernel", action="store_true",
                    help="the port's ConvTranspose layers use transpose_kernel=True")
-    p.add_argument("--steps", type=int, default=10, help="steps of assert_trajectories_match (0: locate only)")
-    p.add_argument("--resume", type=int, default=0, metavar="K", help="also check a torch->JAX resume after K steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=non_negative_int, default=10, help="steps of assert_trajectories_match (0: locate only)")
+    p.add_argument("--resume", type=non_negative_int, default=0, metavar="K", help="also check a torch->JAX resume after K steps")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     return p  # --out (report.md, report.json, errors.png) is the shared option of python -m crosscheck
 
 
@@ -160,16 +163,22 @@ def resume_check(torch_model, layers, batch, k: int) -> int:
     return max(int(distance(got[n].numpy(), expected[n].numpy()).max_ulps) for n in names)
 
 
+def _error(message: str) -> int:
+    print(f"crosscheck port: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args) -> int:
-    from crosscheck.port.parity import assert_trajectories_match
+    from crosscheck.common.report import report_errors
     from crosscheck.port import locate
+    from crosscheck.port.parity import assert_trajectories_match
     try:
+        for name in ("steps", "resume", "seed"):  # argparse checks these; port.run(args) may be called directly
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
         torch_model, flax_model, layers, batch = _setup(args)
-        if args.steps < 0 or args.resume < 0:
-            raise ValueError("--steps and --resume must be >= 0")
     except ValueError as err:
-        print(f"crosscheck port: error: {err}")
-        return 2
+        return _error(f"error: {err}")
     from crosscheck.convert import ConversionError
 
     out = Path(args.out)
@@ -177,8 +186,7 @@ def run(args) -> int:
     try:
         divergence = locate.locate_divergence(torch_model, flax_model, batch(args.seed), layers=layers)
     except ConversionError as err:
-        print(f"crosscheck port: conversion refused: {err}")
-        return 2
+        return _error(f"conversion refused: {err}")
     print(divergence)
     passed = divergence.ok
     if args.steps:
@@ -200,7 +208,8 @@ def run(args) -> int:
         passed = passed and ulps == 0
         print(f"resume after {args.resume} torch steps, {args.resume} jax_impl steps: max {ulps} ulps "
               "from the 2k-step torch run")
-    locate.write_report(divergence, out, title=args.example or f"{args.torch_factory} -> {args.flax_factory}",
-                        checks=summary)
+    with report_errors(out):
+        locate.write_report(divergence, out, title=args.example or f"{args.torch_factory} -> {args.flax_factory}",
+                            checks=summary)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'errors.png'}")
     return 0 if passed else 1

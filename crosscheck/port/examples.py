@@ -22,6 +22,7 @@ from flax import nnx
 
 from crosscheck import convert
 from crosscheck.convert import flax_layers
+
 F = torch.nn.functional
 
 

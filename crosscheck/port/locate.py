@@ -36,13 +36,11 @@ import torch
 from flax import nnx
 
 from crosscheck import convert
-from crosscheck.convert import flax_layers
-from crosscheck.common.metrics import as_numpy
-from crosscheck.port import compare
 from crosscheck.common import losses
+from crosscheck.common.metrics import as_numpy
+from crosscheck.convert import flax_layers, trees, weights
 from crosscheck.convert.layers import default_flax_path
-from crosscheck.convert import weights
-from crosscheck.convert import trees
+from crosscheck.port import compare
 
 # The table of known porting pitfalls: key -> (what happens, the fix).  README "Porting" shows it.
 PITFALLS: dict[str, tuple[str, str]] = {

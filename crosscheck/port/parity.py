@@ -41,12 +41,12 @@ from flax import nnx
 
 import jax_impl
 from crosscheck import convert
-from crosscheck.common.metrics import as_numpy, distance
-from crosscheck.common.losses import flax_cross_entropy, torch_cross_entropy
-from crosscheck.port.compare import GRAD_FLOOR, align_to_flax, channels_last, relative_gaps
 from crosscheck.common import losses
-from crosscheck.convert import weights
-from crosscheck.convert import trees
+from crosscheck.common.losses import flax_cross_entropy, torch_cross_entropy
+from crosscheck.common.metrics import as_numpy, distance
+from crosscheck.convert import trees, weights
+from crosscheck.port.compare import (GRAD_FLOOR, align_to_flax, channels_last,
+                                     relative_gaps)
 
 
 @dataclass

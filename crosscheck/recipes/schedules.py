@@ -158,6 +158,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# One colour per implementation in both rows of panels (a difference has the colour of the side that is not torch).
+COLORS = {"torch": "tab:blue", "jax_impl": "tab:orange", "optax": "tab:green"}
+
+
 def figure(rows: list[dict]):
     import matplotlib
 
@@ -171,12 +175,13 @@ def figure(rows: list[dict]):
     for i, r in enumerate(rows):
         top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
         x = np.arange(len(r["_torch"]))
-        top.plot(x, r["_torch"], label="torch", lw=2)
-        top.plot(x, r["_jax"], "--", label="jax_impl.schedules", lw=1)
+        top.plot(x, r["_torch"], label="torch", lw=2, color=COLORS["torch"])
+        top.plot(x, r["_jax"], "--", label="jax_impl.schedules", lw=1, color=COLORS["jax_impl"])
         if "_optax_values" in r:
-            top.plot(x, r["_optax_values"], ":", label=f"optax.{r['optax']}", lw=1)
-            bottom.plot(x, np.abs(r["_optax_values"] - r["_torch"]), label="|optax - torch|", lw=1)
-        bottom.plot(x, np.abs(r["_jax"] - r["_torch"]), label="|jax_impl - torch|", lw=1)
+            top.plot(x, r["_optax_values"], ":", label=f"optax.{r['optax']}", lw=1, color=COLORS["optax"])
+            bottom.plot(x, np.abs(r["_optax_values"] - r["_torch"]), label="|optax - torch|", lw=1,
+                        color=COLORS["optax"])
+        bottom.plot(x, np.abs(r["_jax"] - r["_torch"]), label="|jax_impl - torch|", lw=1, color=COLORS["jax_impl"])
         top.set_title(r["case"], fontsize=8)
         top.legend(fontsize=6)
         bottom.set_yscale("symlog", linthresh=1e-12)
@@ -210,16 +215,15 @@ def run(steps: int, out=None) -> tuple[list[dict], bool]:
     if out is not None:
         from pathlib import Path
 
-        from crosscheck.common.report import OutputError, strict_json, write_report
+        from crosscheck.common.report import (report_errors, strict_json,
+                                              write_report)
 
         out = Path(out)
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         text_json, text_md = strict_json({"passed": _passed(rows), "cases": public}), markdown(rows)
-        try:
+        with report_errors(out):
             write_report({out / "report.json": text_json, out / "report.md": text_md}, out / "schedules.png",
                          figure(rows), dpi=80)
-        except OSError as err:
-            raise OutputError(f"--out {out}: cannot write the report ({err})") from None
     return rows, _passed(rows)
 
 

@@ -178,7 +178,9 @@ def _recipes(steps: int):
          lambda: _jax(optax.apply_if_finite(adamw(), 10), with_inf, steps),
          lambda: _torch(steps, with_inf, skip_nonfinite=True)),
         ("loss_scale.grad_scaler(adamw) vs GradScaler, 3 inf steps", True, jax_scaled, torch_scaled),
-        ("bf16 grads, f32 params", True, lambda: _jax(adamw(), bf16, steps), lambda: _torch(steps, bf16_as_torch)),
+        # bfloat16 gradients cast up before the step on both sides: torch and the exact path take no other dtype.
+        ("bf16 grads, f32 params", True, lambda: _jax(adamw(), bf16_as_torch, steps),
+         lambda: _torch(steps, bf16_as_torch)),
         ("optax warmup_cosine schedule, tabulated", True, lambda: _jax(jax_impl.adamw(table, weight_decay=WD),
                                                                        _grads, steps),
          lambda: _torch(steps, _grads, lr_at=lambda t: float(table.table[t]))),
@@ -229,9 +231,12 @@ def run(args) -> int:
     if args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
+    from crosscheck.common.report import report_errors
+
     out = args.out
     rows = measure(args.steps)
-    _write(rows, out)
+    with report_errors(out):
+        _write(rows, out)
     print(markdown(rows))
     print(f"report: {out}/report.json, report.md, recipes.png")
     return 0 if all(r["passed"] for r in rows) else 1

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 import jax
 import numpy as np
 
-from crosscheck.trajectory import implementations
 from crosscheck.common import interrupt
-from crosscheck.trajectory import sources
 from crosscheck.common.metrics import distance, ulps_from_reference
+from crosscheck.trajectory import implementations, sources
 
 QUANTITIES = ("param", "exp_avg", "exp_avg_sq")
 

@@ -20,8 +20,8 @@ import torch
 import jax_impl
 import torch_impl
 from crosscheck.common import reference
-from crosscheck.common.metrics import as_numpy
 from crosscheck.common.dtypes import to_jax, to_torch
+from crosscheck.common.metrics import as_numpy
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crosscheck.trajectory.harness import TrajectoryResult
 from crosscheck.common.report import strict_json, write_report
+from crosscheck.trajectory.harness import TrajectoryResult
 
 
 def _fmt_ulps(x: float) -> str:
@@ -104,8 +104,10 @@ def figure(results: Sequence[TrajectoryResult]):
     """One panel per case: each pair's max |param error| per step; bitwise pairs named in the panel.
 
     A bitwise pair has no point on a log axis, so instead of drawing nothing
-    the panel says "bitwise: ...".  One legend for the figure, below the
-    panels, with one colour per pair in every panel, so no legend covers a curve.
+    the panel says "bitwise: ...".  One colour per pair in every panel, and one
+    legend for the figure, below the panels, so no legend covers a curve.
+    Pairs with identical errors are drawn on one another, the first widest (so
+    every colour shows), and named in the panel's title.
     """
     import matplotlib
 
@@ -116,31 +118,38 @@ def figure(results: Sequence[TrajectoryResult]):
     n = len(results)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    colors: dict[str, tuple] = {}  # curve label -> colour, the same in every panel
+    colors: dict[str, tuple] = {}  # pair label -> colour, the same in every panel
+    shown: set[str] = set()  # labels with a curve somewhere (the legend's)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows + 1.2), squeeze=False)
     for ax, r in zip(axes.flat, results):
         steps = np.arange(1, r.steps + 1)
         bitwise = []
-        curves: dict[bytes, list[str]] = {}  # pairs with identical errors share one curve and one label
+        curves: dict[bytes, list[str]] = {}  # identical errors -> the pairs that have them
         for (name, against), s in r.vs_baseline.items():
             label = _pair_label(name, against, r.baseline)
+            colors.setdefault(label, plt.cm.tab10(len(colors) % 10))
             err = np.asarray(s.max_abs["param"], np.float64)
             if s.first_mismatch is None and s.first_nonfinite is None:
                 bitwise.append(label)
             else:
                 curves.setdefault(err.tobytes(), []).append(label)
-        for index, (key, members) in enumerate(curves.items()):
-            label = " = ".join(members)
-            color = colors.setdefault(label, plt.cm.tab10(len(colors) % 10))
+        drawn = 0
+        for key, members in curves.items():
             err = np.frombuffer(key, np.float64)
-            # Nearly equal curves: the earlier drawn wider, so it shows around the later one.
-            ax.plot(steps, np.where(err > 0, err, np.nan), lw=max(1.0, 2.6 - 0.6 * index), color=color)
+            for label in members:
+                # Nearly equal or identical curves: the earlier drawn wider, so it shows around the later one.
+                ax.plot(steps, np.where(err > 0, err, np.nan), lw=max(1.0, 2.6 - 0.6 * drawn), color=colors[label])
+                shown.add(label)
+                drawn += 1
         for name, s in r.vs_reference.items():
             if name == r.baseline:
                 ax.plot(steps, s.max_abs, "k--", lw=1)
         ax.set_yscale("log")
         ax.set_xscale("log")
         title = r.case
+        same = [" = ".join(members) for members in curves.values() if len(members) > 1]
+        if same:
+            title += "\n" + textwrap.fill("identical errors: " + "; ".join(same), 95)
         if bitwise:  # said in words: a zero error has no point on a log axis
             title += "\n" + textwrap.fill("bitwise at every step: " + ", ".join(bitwise), 95)
         ax.set_title(title, fontsize=7.5)
@@ -150,7 +159,7 @@ def figure(results: Sequence[TrajectoryResult]):
             ax.text(0.5, 0.5, "all pairs bitwise", transform=ax.transAxes, ha="center", va="center")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    handles = [Line2D([], [], color=color, lw=1.5, label=label) for label, color in colors.items()]
+    handles = [Line2D([], [], color=color, lw=1.5, label=label) for label, color in colors.items() if label in shown]
     handles.append(Line2D([], [], color="k", ls="--", lw=1, label="baseline vs float64 reference"))
     fig.legend(handles=handles, loc="lower center", ncol=min(2, len(handles)), fontsize=8, frameon=False)
     legend_rows = (len(handles) + 1) // 2

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 
 import jax
 
-from crosscheck.trajectory import implementations
-from crosscheck.trajectory import sources
 from crosscheck.trajectory import harness as trajectory
+from crosscheck.trajectory import implementations, sources
+
 DEFAULT_IMPLS = tuple(name for name in implementations.IMPLEMENTATIONS if name != "reference64")
 
 

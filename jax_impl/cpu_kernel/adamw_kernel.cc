@@ -3,12 +3,12 @@
 // It reads params, grads and both moments once and writes params and both
 // moments in place (28 bytes per parameter), where XLA:CPU's own fusions make
 // three passes.  The attribute "mode" picks what it writes besides the moments:
-// the new params in place (0, the exact step), the optax update p_new - p into
-// a buffer of its own with the params only read (1: small leaves of optax's
-// update), or nothing (2: large leaves of optax's update, whose new param XLA
-// computes from the new moments in the same pass as apply_updates' add: 20 + 16
-// bytes per parameter and no buffer allocated per call, where mode 1 needs a
-// fresh one, which page-faults once it is large).  Every operation is the one
+// the new params in place (0, the exact step), the optax update p_new - p (0
+// where p_new == p) into a buffer of its own with the params only read (1:
+// small leaves of optax's update), or nothing (2: large leaves of optax's
+// update, whose new param XLA computes from the new moments in the same pass as
+// apply_updates' add: 20 + 16 bytes per parameter and no buffer allocated per
+// call, where mode 1 needs a fresh one, which page-faults once it is large).  Every operation is the one
 // jax_impl's XLA path performs, in the same order and with the same rounding
 // (explicit std::fma where that path fuses, nothing else contracted: built
 // with -ffp-contract=off), so the two paths agree bit for bit, and both agree
@@ -98,7 +98,9 @@ void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict
       float p = p_in[i];
       Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p, g[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr,
                                                                s, o);
-      out[i] = p - p_in[i];  // jax_impl's XLA path: new.astype(f32) - old.astype(f32)
+      // jax_impl's XLA path (optax_update): p_new - p, and +0 where p_new == p (bitwise p_new - p for a
+      // finite p; for an infinite one 0, not inf - inf = nan, so that apply_updates keeps it infinite).
+      out[i] = p == p_in[i] ? 0.0f : p - p_in[i];
     } else {
       Element<kTail, kAmsgrad, kMaximize, kDecay, kLerpSmall>(p_in[i], g[i], m[i], v[i],
                                                                kAmsgrad ? vmax + i : nullptr, s, o);

@@ -16,6 +16,7 @@ import pytest
 from crosscheck import cli
 from crosscheck.common import report
 from crosscheck.trajectory import report as trajectory_report
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -118,9 +119,8 @@ def test_sigint_stops_the_run_with_130_and_one_line(tmp_path):
 
 def test_nan_in_both_runs_is_reported_and_fails():
     # Was: NaN in every run counted as bitwise equal, and the check passed.
-    from crosscheck.trajectory import implementations
-    from crosscheck.trajectory import sources
     from crosscheck.trajectory import harness as trajectory
+    from crosscheck.trajectory import implementations, sources
     names, params = sources.param_set("flat", 0)
     gaussian = sources.synthetic("gaussian", 0)
 
@@ -167,9 +167,8 @@ def test_cifar_shared_grads_with_nan_losses_fails(cifar_dir):
 
 
 def test_report_matrix_and_figure_say_bitwise(tmp_path):
-    from crosscheck.trajectory import implementations
-    from crosscheck.trajectory import sources
     from crosscheck.trajectory import harness as trajectory
+    from crosscheck.trajectory import implementations, sources
     names, params = sources.param_set("flat", 0)
     result = trajectory.run(["torch_impl(fused)", "torch.AdamW(foreach)", "torch_impl(foreach)"],
                             hyper=implementations.Hyper(), names=names, params=params,
@@ -186,6 +185,107 @@ def test_report_matrix_and_figure_say_bitwise(tmp_path):
     assert "bitwise at every step: torch_impl(fused)" in ax.get_title()
     assert ax.get_legend() is None and fig.legends  # the legend is the figure's, below the panels
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "torch.AdamW(foreach) = torch_impl(foreach)" in labels  # identical errors: one curve, one label
+    # Identical errors: one legend entry and one colour per pair (as in every other panel), named in the title.
+    assert "torch.AdamW(foreach)" in labels and "torch_impl(foreach)" in labels
+    assert "identical errors: torch.AdamW(foreach) = torch_impl(foreach)" in ax.get_title()
+    colors = {str(line.get_color()) for line in ax.get_lines() if line.get_linestyle() == "-"}
+    assert len(colors) == 2
     legend_top = fig.legends[0].get_window_extent(fig.canvas.get_renderer()).y1
     assert legend_top <= ax.get_window_extent().y0  # below the panel, not on the curves
+
+
+def _exit_status(argv) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:  # argparse's usage errors
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trajectory", "--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
+    (["cifar10", "--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
+    (["port", "--example", "resnet_block", "--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
+    (["port", "--example", "resnet_block", "--steps", "-1"],
+     "argument --steps: expected a non-negative integer, got -1"),
+    (["port", "--example", "resnet_block", "--resume", "-1"],
+     "argument --resume: expected a non-negative integer, got -1"),
+    (["port", "--example", "nosuch"], "--example='nosuch': choose from ["),
+])
+def test_bad_values_name_their_option_on_stderr(tmp_path, capsys, argv, message):
+    # Was: --seed -1 said "expected non-negative integer" (numpy's words, no option; a traceback for cifar10
+    # and port); port's own errors went to stdout.
+    assert _exit_status(["--out", str(tmp_path / "r"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+    assert not (tmp_path / "r").exists()
+
+
+def _cifar_result(mode: str):
+    from crosscheck.cifar.parity import Result
+
+    steps = list(range(1, 31))
+    loss = list(np.linspace(2.3, 1.9, 30))
+    record = {"train_loss": 2.0, "test_loss": 1.9, "accuracy": 0.3, "seconds": 1.0}
+    if mode == "shared-grads":
+        runs = ["torch_impl.AdamW", "jax_impl.adamw"]
+        step_loss = {"torch_impl.AdamW": loss, "jax_impl.adamw": loss,
+                     "jax_impl.adamw (Flax forward)": [x + 1e-6 for x in loss]}
+        divergence = {"jax_impl.adamw": {"conv1.weight": [0.0] * 30, "fc.bias": [0.0] * 30}}
+    else:
+        runs = ["torch_impl.AdamW", "jax_impl.adamw", "torch replica 1", "torch replica 2"]
+        step_loss = {name: [x + 1e-3 * i for x in loss] for i, name in enumerate(runs)}
+        divergence = {name: {"conv1.weight": list(np.geomspace(1e-7, 1e-2, 30) * (i + 1))}
+                      for i, name in enumerate(runs[1:])}
+    epochs = [{"epoch": e, "steps": 15 * e, **{name: record for name in runs}} for e in (1, 2)]
+    return Result({"mode": mode}, "test", runs, 0.0, step_loss=step_loss, epochs=epochs, divergence_steps=steps,
+                  divergence=divergence)
+
+
+def _line_colors(ax) -> dict[str, str]:
+    from matplotlib.colors import to_hex
+
+    return {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_cifar_figure_one_colour_per_implementation_and_bitwise_in_words():
+    # Was: in independent mode jax_impl.adamw orange in two panels and blue (torch_impl's colour) in the
+    # third; in shared-grads mode an empty log axis, without a word that the runs are bitwise.
+    from crosscheck.cifar import report as cifar_report
+
+    fig = cifar_report.figure(_cifar_result("independent"))
+    panels = [_line_colors(ax) for ax in fig.axes]
+    jax_colors = {colors["jax_impl.adamw"] for colors in panels}
+    assert len(jax_colors) == 1 and "jax_impl.adamw" in panels[2]
+    assert {colors["torch_impl.AdamW"] for colors in panels[:2]} != jax_colors
+    assert not [t for t in fig.axes[2].texts if "bitwise" in t.get_text()]
+
+    fig = cifar_report.figure(_cifar_result("shared-grads"))
+    loss, acc, div = (_line_colors(ax) for ax in fig.axes)
+    assert loss["jax_impl.adamw"] == loss["jax_impl.adamw (Flax forward)"] == acc["jax_impl.adamw"]
+    assert loss["torch_impl.AdamW"] == acc["torch_impl.AdamW"] != acc["jax_impl.adamw"]
+    widths = {line.get_label(): line.get_linewidth() for line in fig.axes[0].get_lines()}
+    assert widths["torch_impl.AdamW"] > widths["jax_impl.adamw"]  # the same loss: both colours show
+    texts = [t.get_text() for t in fig.axes[2].texts]
+    assert texts == ["bitwise at every step:\njax_impl.adamw = torch_impl.AdamW"]
+    assert not div and fig.axes[2].get_yscale() == "linear"  # no empty log axis
+
+
+def test_schedules_and_gpu_figures_one_colour_per_implementation():
+    # Was: schedules' lower panels drew |optax - torch| in torch's colour and |jax_impl - torch| in optax's;
+    # the gpu summary gave each implementation two colours (one per layout).
+    from crosscheck.gpu import report as gpu_report
+    from crosscheck.recipes import schedules
+
+    fig = schedules.figure([schedules.compare(schedules.CASES[0], 200)])
+    top, bottom = _line_colors(fig.axes[0]), _line_colors(fig.axes[4])  # a case's values, and its differences
+    assert bottom["|jax_impl - torch|"] == top["jax_impl.schedules"]
+    assert bottom["|optax - torch|"] == next(c for label, c in top.items() if label.startswith("optax."))
+    assert len(set(top.values())) == 3
+
+    rows = [{"implementation": impl, "layout": layout, "params": n, "ms": 1.0 + n / 1e6}
+            for impl in ("jax_impl", "torch fused") for layout in ("one", "many") for n in (1e6, 1e7)]
+    fig = gpu_report.summary_figure({"dry_run": True, "parts": {"step_time": {"rows": rows}}})
+    colors = _line_colors(fig.axes[0])
+    assert colors["jax_impl (one)"] == colors["jax_impl (many)"] != colors["torch fused (one)"]
+    assert colors["torch fused (one)"] == colors["torch fused (many)"]

@@ -61,7 +61,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path

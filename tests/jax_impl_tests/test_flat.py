@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SHAPES
 
 import jax_impl
-from helpers import SHAPES
 
 
 def _tree(seed=0):
@@ -47,6 +47,18 @@ def test_unflatten_is_the_inverse():
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+
+def test_buffers_of_another_layout_are_refused():
+    # Another tree's buffers would be sliced into overlapping or truncated leaves (test_input_checks.py has the table).
+    params = _tree()
+    layout = jax_impl.FlatLayout(params)
+    other = jax_impl.FlatLayout({**params, "w3": jnp.ones(8)})
+    with pytest.raises(ValueError, match=r"buffer 'float32' has shape \(\d+,\), the layout's is"):
+        layout.unflatten(other.flatten({**params, "w3": jnp.ones(8)}))
+    with pytest.raises(ValueError, match=r"leaf \['w3'\] has shape \(8,\), the layout's is \(7,\)"):
+        layout.flatten({**params, "w3": jnp.ones(8)})
 
 
 def test_scalar_tail_positions_are_checked():

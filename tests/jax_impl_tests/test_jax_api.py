@@ -40,7 +40,8 @@ def test_gradient_shape_mismatch_names_the_path():
 
 
 def test_gradient_dtype_mismatch_names_the_path():
-    # Other float dtypes are cast as optax casts them (tests/jax_impl_tests/test_optax_conventions.py); integers cannot be.
+    # tx.update casts other float dtypes, as optax accepts them (tests/jax_impl_tests/test_optax_conventions.py);
+    # integers cannot be. apply_exact refuses any other dtype, as torch does (test_input_checks.py).
     params = {"w": jnp.ones(3, jnp.float32)}
     tx = jax_impl.adamw()
     with pytest.raises(TypeError, match=r"\['w'\].*int32"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -95,6 +96,117 @@ def test_download_verifies_a_file_already_there_and_a_read_only_folder(archive_b
     monkeypatch.setattr(cifar10.tempfile, "mkstemp", refuse)
     with pytest.raises(DataError, match=r"cannot download into .*empty \(Permission denied\)"):
         cifar10.download(tmp_path / "empty", url="file:///nonexistent")
+
+
+def _replace_members(archive_bytes: bytes, path: Path, replace: dict) -> None:
+    """The subset archive with members (by batch name) replaced: bytes, or an int for that many zero bytes."""
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:gz") as src, \
+            tarfile.open(path, "w:gz", compresslevel=1) as dst:
+        for info in src.getmembers():
+            name = info.name.rsplit("/", 1)[-1]
+            if name in replace and info.isreg():
+                content = replace[name]
+                info = tarfile.TarInfo(info.name)
+                info.size = content if isinstance(content, int) else len(content)
+                dst.addfile(info, io.BytesIO(bytes(content) if isinstance(content, int) else content))
+            else:
+                dst.addfile(info, src.extractfile(info) if info.isreg() else None)
+
+
+def _refused_load(root: Path) -> tuple[str, int]:
+    """The DataError message of ``load(root)``, and the peak memory it traced (numpy's arrays included)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            cifar10.load(root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(info.value), peak
+
+
+def test_an_oversized_member_is_refused_before_it_is_read(archive_bytes, tmp_path):
+    # Was: a 512 MiB member (a 15 MB archive) was read whole, +527 MB peak RSS, then "unpickling failed".
+    size = 80 << 20  # more than MAX_BATCH_BYTES (64 MiB); the official batch files hold 31,035,704 bytes
+    _replace_members(archive_bytes, tmp_path / cifar10.ARCHIVE, {"data_batch_1": size})
+    message, peak = _refused_load(tmp_path)
+    assert re.search(rf"{cifar10.ARCHIVE}: cifar-10-batches-py/data_batch_1 holds {size:,} bytes, more than a "
+                     r"CIFAR-10 batch file", message), message
+    assert peak < 32 << 20  # the three batches before it, never the member
+    # The same in a folder (a sparse file: nothing is read).
+    folder = tmp_path / "folder" / cifar10.FOLDER
+    folder.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:gz") as tar:
+        tar.extractall(tmp_path / "folder", filter="data")
+    with open(folder / "data_batch_2", "r+b") as f:
+        f.truncate(size)
+    message, peak = _refused_load(tmp_path / "folder")
+    assert re.search(rf"data_batch_2: holds {size:,} bytes, more than a CIFAR-10 batch file", message), message
+    assert peak < 32 << 20
+
+
+def test_an_archive_that_unpacks_to_too_much_is_refused(archive_bytes, tmp_path, monkeypatch):
+    # The whole stream is bounded too: a gzip bomb in a member the loader skips is not unpacked to the end.
+    (tmp_path / cifar10.ARCHIVE).write_bytes(archive_bytes)
+    monkeypatch.setattr(cifar10, "MAX_ARCHIVE_BYTES", 8 << 20, raising=False)  # the subset unpacks to 18.8 MB
+    with pytest.raises(DataError, match=rf"{cifar10.ARCHIVE}: unpacks to more than 8,388,608 bytes"):
+        cifar10.load(tmp_path)
+
+
+def test_a_duplicated_member_is_refused(archive_bytes, tmp_path):
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r:gz") as src, \
+            tarfile.open(tmp_path / cifar10.ARCHIVE, "w:gz", compresslevel=1) as dst:
+        for info in src.getmembers():
+            dst.addfile(info, src.extractfile(info) if info.isreg() else None)
+        info = src.getmember(f"{cifar10.FOLDER}/data_batch_1")
+        dst.addfile(info, src.extractfile(info))
+    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1 appears twice"):
+        cifar10.load(tmp_path)
+
+
+class _Empty:
+    """Pickles as the official (python 2) files do an array, here an empty one: its bytes as a str."""
+
+    def __init__(self, shape: tuple, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def __reduce__(self):
+        return np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, self.shape, self.dtype, False, "")
+
+
+def _empty_batch() -> bytes:
+    import pickle
+
+    return pickle.dumps({"batch_label": "empty", "labels": _Empty((0,), np.int64),
+                         "data": _Empty((0, 3072), np.uint8)}, protocol=2)
+
+
+def test_empty_batches_are_refused_naming_the_file(archive_bytes, tmp_path, capsys):
+    # Was: empty train batches trained 0 steps, exit 0, every check "pass"; an empty test batch ended in
+    # "ValueError: need at least one array to concatenate".
+    _replace_members(archive_bytes, tmp_path / cifar10.ARCHIVE, {name: _empty_batch() for name in
+                                                                 cifar10.TRAIN_BATCHES})
+    assert cli.main(["--out", str(tmp_path / "r"), "cifar10", "--data-dir", str(tmp_path), "--mode", "shared-grads",
+                     "--max-steps", "2"]) == 2
+    assert re.search(rf"error: .*{cifar10.ARCHIVE}:cifar-10-batches-py/data_batch_\d: holds no images",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+    _replace_members(archive_bytes, tmp_path / cifar10.ARCHIVE, {cifar10.TEST_BATCH: _empty_batch()})
+    with pytest.raises(DataError, match=r"cifar-10-batches-py/test_batch: holds no images"):
+        cifar10.load(tmp_path)
+
+
+def test_training_refuses_empty_data(archive_bytes):
+    from crosscheck.cifar import parity
+
+    empty = np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64)
+    one = np.zeros((1, 3, 32, 32), np.uint8), np.zeros(1, np.int64)
+    for train, test, which in ((empty, one, "training"), (one, empty, "test")):
+        data = cifar10.CIFAR10(*train, *test, source="hand-made")
+        with pytest.raises(ValueError, match=rf"hand-made: no {which} images"):
+            parity.run(parity.Config(mode="shared-grads", max_steps=1), data, progress=False)
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -32,7 +32,7 @@ def test_port_factories_with_a_planted_pitfall_exit_1(tmp_path, capsys, monkeypa
 
 def test_port_bad_usage_exits_2(tmp_path, capsys):
     assert cli.main(["--out", str(tmp_path), "port", "--example", "nope"]) == 2
-    assert "--example='nope': choose from" in capsys.readouterr().out
+    assert "--example='nope': choose from" in capsys.readouterr().err
     assert cli.main(["--out", str(tmp_path), "port", "--torch", "test_locate:TorchMLP"]) == 2
     assert cli.main(["--out", str(tmp_path), "port", "--torch", "nomodule:X", "--flax", "a:b",
                      "--input-shape", "2,3"]) == 2

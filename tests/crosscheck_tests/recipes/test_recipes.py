@@ -8,12 +8,13 @@ import numpy as np
 import optax
 import pytest
 import torch
+from helpers import run_on_8_cpu_devices
+from recipe_helpers import (add_grads, gradients, initial_params, mismatches,
+                            to_jax, torch_params)
 
 import jax_impl
 from crosscheck.common.metrics import distance
-from helpers import run_on_8_cpu_devices
 from jax_impl.accumulation import torch_accumulation
-from recipe_helpers import add_grads, gradients, initial_params, mismatches, to_jax, torch_params
 
 LR, WD = 1e-2, 0.1
 
@@ -140,8 +141,9 @@ def test_add_param_group_mid_run_is_torch_bitwise():
 
 
 def test_param_groups_state_converts_both_ways():
-    from crosscheck import convert
     from helpers import TorchCNN, shared_gradient
+
+    from crosscheck import convert
 
     torch.manual_seed(0)
     model = TorchCNN()
@@ -241,9 +243,13 @@ def test_autocast_recipe_shared_gradients_are_torch_bitwise():
 
 
 def test_bfloat16_gradients_for_float32_params_are_cast_as_torch_does():
+    """torch refuses a .grad of another dtype, so its user casts bfloat16 gradients up; so does the exact path."""
     steps = 8
     bf16 = lambda t: {k: jnp.asarray(v, jnp.bfloat16) for k, v in gradients(t).items()}  # noqa: E731
-    params, _ = run_jax(jax_impl.adamw(LR, weight_decay=WD), bf16, steps)
+    with pytest.raises(RuntimeError, match="has dtype bfloat16, the parameter has dtype float32"):
+        run_jax(jax_impl.adamw(LR, weight_decay=WD), bf16, 1)
+    cast_up = lambda t: {k: g.astype(jnp.float32) for k, g in bf16(t).items()}  # noqa: E731
+    params, _ = run_jax(jax_impl.adamw(LR, weight_decay=WD), cast_up, steps)
     tparams = torch_params(initial_params())
     optimizer = torch.optim.AdamW(tparams.values(), lr=LR, weight_decay=WD, fused=True)
     for t in range(steps):
