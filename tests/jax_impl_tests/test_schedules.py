@@ -72,8 +72,10 @@ def test_schedule_is_an_optax_schedule_under_jit():
     (lambda: S.multi_step_lr(0.1, [30, 10]), r"Invalid milestones: \[30, 10\]"),
     (lambda: S.one_cycle_lr(0.1, 100, horizon=500), r"Invalid horizon: 500 steps asked for, but total_steps=100"),
     (lambda: S.step_lr(0.1, 0), r"Invalid step_size: 0"),
-    (lambda: S.linear_lr(0.1, start_factor=0.0), r"Invalid start_factor: 0.0"),
-    (lambda: S.sequential_lr(0.1, [S.step_lr(0.1, 5)], [10]), r"Invalid milestones: \[10\] \(0 expected"),
+    (lambda: S.linear_lr(0.1, start_factor=0.0), r"Starting multiplicative factor expected to be greater than 0"),
+    (lambda: S.sequential_lr(0.1, [S.step_lr(0.1, 5)], [10]), r"one more than the number of milestone points, but "
+                                                              r"got number of schedulers 1 and the number of milestones "
+                                                              r"to be equal to 1"),
     (lambda: S.sequential_lr(0.1, [S.step_lr(0.2, 5), S.step_lr(0.1, 5)], [10]), r"schedules\[0\]: built with lr=0.2"),
 ])
 def test_bad_arguments_name_themselves(make, message):
