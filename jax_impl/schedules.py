@@ -39,10 +39,12 @@ import math
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 DEFAULT_HORIZON = 100_000
 
@@ -230,7 +232,7 @@ def _schedule(name: str, emulator: _Emulator, lr, horizon: int | None, *, last_e
     schedule.lr = _lr_value(lr)
     schedule.initial_lr = initial_lr
     schedule.last_epoch = last_epoch
-    schedule.param_group_initial_lr = group["initial_lr"]  # what a checkpoint of torch's param group holds
+    schedule.param_group_initial_lr = group.get("initial_lr")  # what a checkpoint of torch's param group holds
     return schedule
 
 
@@ -974,6 +976,10 @@ class _ChainedScheduler(_Emulator):
 
 def _sub_emulators(lr, schedules, what: str) -> list[_Emulator]:
     for i, schedule in enumerate(schedules):
+        if isinstance(schedule, ReduceLROnPlateau) and what == "replay":
+            if schedule.lr != _lr_value(lr) or type(schedule.lr) is not type(_lr_value(lr)):
+                raise ValueError(f"Invalid schedules[{i}]: built with lr={schedule.lr!r}, not lr={lr!r}")
+            continue
         if not isinstance(schedule, TorchSchedule) or not hasattr(schedule, "emulator"):
             raise ValueError(f"Invalid schedules[{i}]: {schedule!r} (a schedule from jax_impl.schedules)")
         if schedule.last_epoch != -1:
@@ -1065,6 +1071,160 @@ def replay(lr: float, schedules: Sequence[TorchSchedule], rounds: Sequence[Seque
     return _schedule("replay", _Replay(emulators, rounds), lr, len(rounds) + 1)
 
 
-__all__ = ["TorchSchedule", "chained_scheduler", "constant_lr", "cosine_annealing_lr", "cosine_annealing_warm_restarts",
+
+# ------------------------------------------------------------ ReduceLROnPlateau: fed the metric
+
+def _is_better(mode: str, threshold_mode: str, threshold: float, a, best):
+    """torch's ``ReduceLROnPlateau._is_better`` (Python floats, or float64 arrays: the same IEEE operations)."""
+    if mode == "min" and threshold_mode == "rel":
+        return a < best * (1.0 - threshold)
+    if mode == "min" and threshold_mode == "abs":
+        return a < best - threshold
+    if mode == "max" and threshold_mode == "rel":
+        return a > best * (threshold + 1.0)
+    return a > best + threshold
+
+
+class _ReduceLROnPlateau(_Emulator):
+    """torch's ReduceLROnPlateau on one group: ``step(metric)``; its constructor takes no step, sets no initial_lr."""
+
+    has_closed_form = False
+
+    def __init__(self, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps):
+        super().__init__(False)
+        self.mode, self.factor, self.patience, self.threshold = mode, factor, patience, threshold
+        self.threshold_mode, self.cooldown, self.min_lr, self.eps = threshold_mode, cooldown, min_lr, eps
+
+    def attach(self, group, last_epoch=-1):
+        self.group, self.last_epoch = group, 0
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.cooldown_counter = self.num_bad_epochs = 0
+
+    def step(self, metrics, epoch=None):
+        current = float(metrics)
+        self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
+        if _is_better(self.mode, self.threshold_mode, self.threshold, current, self.best):
+            self.best, self.num_bad_epochs = current, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            self.reduce()
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+
+    def reduce(self) -> bool:
+        old_lr = float(self.group["lr"])
+        new_lr = max(old_lr * self.factor, self.min_lr)
+        if old_lr - new_lr > self.eps:
+            _set_lr(self.group, new_lr)
+            return True
+        return False
+
+
+class ReduceLROnPlateauState(NamedTuple):
+    """State of :func:`reduce_lr_on_plateau` (torch's scheduler attributes; ``lr`` is ``group["lr"]``)."""
+
+    lr: jax.Array  # torch's lr now: float64 under jax_enable_x64, else the float32 nearest it
+    best: jax.Array  # the best metric so far (+-inf before the first), in the metric's dtype
+    num_bad_epochs: jax.Array  # int32
+    cooldown_counter: jax.Array  # int32
+    num_reductions: jax.Array  # int32: lr is ``lrs[num_reductions]`` of the host-side table
+
+
+class ReduceLROnPlateau(optax.GradientTransformationExtraArgs):
+    """The transformation :func:`reduce_lr_on_plateau` returns (``.lrs``: the lr after k reductions, float64)."""
+
+
+def reduce_lr_on_plateau(lr: float, mode: str = "min", factor: float = 0.1, patience: int = 10,
+                         threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
+                         min_lr: float = 0, eps: float = 1e-8) -> ReduceLROnPlateau:
+    """``ReduceLROnPlateau`` as an optax transformation fed the metric: ``update(updates, state, value=metric)``.
+
+    torch's semantics bit for bit: each call is ``scheduler.step(metric)``
+    (better than ``best`` by ``threshold``, else a bad epoch; after more than
+    ``patience`` bad epochs, outside ``cooldown``, ``lr = max(lr * factor,
+    min_lr)`` unless that changes it by ``eps`` or less).  The lr after k
+    reductions is a host-side table (Python floats, as torch's; a float32
+    tensor ``lr`` rounds each to float32), so ``state.lr`` is torch's lr
+    (float64 under ``jax_enable_x64``); the comparisons are torch's double
+    ones (in float64 under x64, else on the host through ``jax.pure_callback``,
+    the metric being the float32 it arrives as).
+
+    ``updates`` are scaled by ``lr_now / lr`` with the lr *before* this
+    metric (torch's ``optimizer.step()`` precedes ``scheduler.step(metric)``):
+    ``optax.chain(jax_impl.adamw(lr), reduce_lr_on_plateau(lr))``, as
+    ``optax.contrib.reduce_on_plateau`` is used.  One transformation stands
+    for one param group (``min_lr`` one value).
+    """
+    _check_lr(lr)
+    if factor >= 1.0:
+        raise ValueError("Factor should be < 1.0.")
+    min_lr = _one_group_param_list("min_lr", min_lr, "min_lrs")
+    if mode not in {"min", "max"}:
+        raise ValueError("mode " + mode + " is unknown!")
+    if threshold_mode not in {"rel", "abs"}:
+        raise ValueError("threshold mode " + threshold_mode + " is unknown!")
+    emulator = _ReduceLROnPlateau(mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps)
+    emulator.attach(_group(lr))
+    probe = copy.deepcopy(emulator)
+    lrs = [float(probe.group["lr"])]
+    while len(lrs) < DEFAULT_HORIZON and probe.reduce():  # torch's _reduce_lr, until it stops changing the lr
+        lrs.append(float(probe.group["lr"]))
+    lrs = np.asarray(lrs, np.float64)
+    scales = lrs / lrs[0] if lrs[0] != 0 else np.ones_like(lrs)
+    worse = math.inf if mode == "min" else -math.inf
+
+    def is_better(a, best):
+        if jax.config.jax_enable_x64:
+            return _is_better(mode, threshold_mode, threshold, a.astype(jnp.float64), best.astype(jnp.float64))
+
+        def host(a_, best_):  # numpy float64: the same IEEE double operations as torch's Python floats
+            return np.asarray(_is_better(mode, threshold_mode, threshold, np.float64(a_), np.float64(best_)))
+        return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.bool_), a, best, vmap_method="sequential")
+
+    def init_fn(params) -> ReduceLROnPlateauState:
+        del params
+        dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        zero = jnp.zeros((), jnp.int32)
+        return ReduceLROnPlateauState(lr=jnp.asarray(lrs[0], dtype), best=jnp.asarray(worse, dtype),
+                                      num_bad_epochs=zero, cooldown_counter=zero, num_reductions=zero)
+
+    def update_fn(updates, state: ReduceLROnPlateauState, params=None, *, value, **extra_args):
+        del params, extra_args
+        current = jnp.asarray(value, state.best.dtype)
+        better = is_better(current, state.best)
+        best = jnp.where(better, current, state.best)
+        bad = jnp.where(better, 0, state.num_bad_epochs + 1)
+        in_cooldown = state.cooldown_counter > 0
+        cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, state.cooldown_counter)
+        bad = jnp.where(in_cooldown, 0, bad)
+        reduce = bad > patience
+        k = jnp.where(reduce, jnp.minimum(state.num_reductions + 1, len(lrs) - 1), state.num_reductions)
+        cooldown_counter = jnp.where(reduce, cooldown, cooldown_counter)
+        bad = jnp.where(reduce, 0, bad)
+        scale = jnp.asarray(scales, state.lr.dtype)[state.num_reductions]
+        updates = jax.tree.map(lambda u: (u * scale.astype(u.dtype)), updates)
+        new_state = ReduceLROnPlateauState(
+            lr=jnp.asarray(lrs, state.lr.dtype)[k], best=best, num_bad_epochs=bad.astype(jnp.int32),
+            cooldown_counter=cooldown_counter.astype(jnp.int32), num_reductions=k.astype(jnp.int32))
+        return updates, new_state
+
+    transformation = ReduceLROnPlateau(init_fn, update_fn)
+    transformation.lrs = lrs
+    transformation.emulator = emulator  # for replay(): the host-side scheduler, stepped with the metric
+    transformation.lr = _lr_value(lr)
+    return transformation
+
+
+def _one_group_param_list(name: str, value, plural: str):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"expected 1 {plural}, got {len(value)}")
+        value = value[0]
+    return value
+
+__all__ = ["ReduceLROnPlateau", "ReduceLROnPlateauState", "TorchSchedule", "chained_scheduler", "constant_lr", "cosine_annealing_lr", "cosine_annealing_warm_restarts",
            "cyclic_lr", "exponential_lr", "lambda_lr", "linear_lr", "multi_step_lr", "multiplicative_lr",
-           "one_cycle_lr", "polynomial_lr", "replay", "sequential_lr", "step_lr", "swalr"]
+           "one_cycle_lr", "polynomial_lr", "reduce_lr_on_plateau", "replay", "sequential_lr", "step_lr", "swalr"]

@@ -587,6 +587,73 @@ add(plain("ConstantLR(factor=0)", lambda o: c(o, factor=0, total_iters=3), lambd
 add(plain("LinearLR(total_iters=0)", lambda o: T.LinearLR(o, total_iters=0), lambda lr, g: S.linear_lr(lr, total_iters=0),
           steps=5, classes="LinearLR"))
 
+# ----------------------------------------------------------------- ReduceLROnPlateau (fed the metric)
+PLATEAU_GROUPS = (0.5, 0.5)  # the plateau tests set every group's lr to 0.5 (a float)
+PLATEAU = [  # (test, kwargs, metrics, param group lrs); a list-valued kwarg is per group
+    ("test_reduce_lr_on_plateau1", dict(threshold_mode="abs", mode="min", threshold=0.01, patience=5, cooldown=5),
+     [10 - i * 0.0167 for i in range(20)], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau2", dict(patience=5, cooldown=0, threshold_mode="abs", mode="min", threshold=0.1),
+     [10 - i * 0.0165 for i in range(22)], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau3", dict(mode="max", patience=5, cooldown=5, threshold_mode="abs"),
+     [-0.8] * 2 + [-0.234] * 20, PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau4", dict(mode="max", patience=3, threshold_mode="rel", threshold=0.1),
+     [1.5 * (1.025 ** i) for i in range(20)], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau5", dict(mode="max", threshold_mode="rel", threshold=0.1, patience=5, cooldown=5),
+     [1.5 * (1.005 ** i) for i in range(20)], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau6", dict(mode="min", threshold_mode="rel", threshold=0.1),
+     [1.5 * (0.85 ** i) for i in range(20)], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau7", dict(mode="min", threshold_mode="rel", threshold=0.1, patience=5, cooldown=5),
+     [1] * 7 + [0.6] + [0.5] * 12, PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau8", dict(mode="max", threshold_mode="rel", min_lr=[0.4, 0.3], threshold=0.1,
+                                        patience=5, cooldown=5), [1.5 * (1.005 ** i) for i in range(20)],
+     PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau_get_last_lr_before_step", dict(), [], PLATEAU_GROUPS),
+    ("test_reduce_lr_on_plateau_preserves_lr_type", dict(mode="min", patience=0), [1.0, 2.0], SETUP),
+    ("test_reduce_lr_on_plateau_state_dict", dict(mode="min", factor=0.1, patience=2),
+     [1.0, 2.0, 3.0, 4.0, 3.0, 4.0, 5.0, 3.0, 2.0, 1.0], SETUP),
+    ("test_add_param_group_does_not_break_reduce_lr_on_plateau[scalar]",
+     dict(mode="min", threshold_mode="rel", threshold=0.1, patience=5, cooldown=5, min_lr=0),
+     [1] * 7 + [0.6] + [0.5] * 12, PLATEAU_GROUPS),
+    ("test_add_param_group_does_not_break_reduce_lr_on_plateau[list]",
+     dict(mode="min", threshold_mode="rel", threshold=0.1, patience=5, cooldown=5, min_lr=[1e-5, 1e-4]),
+     [1] * 7 + [0.6] + [0.5] * 12, PLATEAU_GROUPS),
+    ("test_lr_scheduler_checkpoint_on_plateau", dict(mode="min"), [1], (0.001,)),
+    ("test_lr_scheduler_state_dict_load[ReduceLROnPlateau]", dict(), [1.0] * 15, SETUP),
+]
+
+
+def plateau_kwargs(kwargs, g):
+    return _per_group(kwargs, g)
+
+
+for name, kwargs, metrics, groups in PLATEAU:  # the host-side scheduler, through replay
+    add(Config(name, lambda o, k=kwargs, m=metrics: ([T.ReduceLROnPlateau(o, **k)], [[(0, x)] for x in m]),
+               lambda lr, g, k=kwargs, m=metrics: S.replay(lr, [S.reduce_lr_on_plateau(lr, **plateau_kwargs(k, g))],
+                                                           [[(0, x)] for x in m]),
+               "ReduceLROnPlateau", groups=groups))
+
+COMPOUND_PLATEAU = [  # test_compound_reduce_lr_on_plateau1..5: the plateau scheduler, then a chainable one
+    (1, dict(threshold_mode="abs", mode="min", threshold=0.01, patience=5, cooldown=5),
+     [10 - i * 0.0167 for i in range(20)], 10, lambda o: T.StepLR(o, gamma=0.1, step_size=3),
+     lambda lr: S.step_lr(lr, 3, 0.1)),
+    (2, dict(patience=5, cooldown=0, threshold_mode="abs", mode="min", threshold=0.1),
+     [10 - i * 0.0165 for i in range(22)], 22, lambda o: T.MultiStepLR(o, gamma=0.1, milestones=[3, 8, 12]),
+     lambda lr: S.multi_step_lr(lr, [3, 8, 12], 0.1)),
+    (3, dict(mode="max", patience=5, cooldown=5, threshold_mode="abs"), [-0.8] * 2 + [-0.234] * 20, 22,
+     lambda o: T.ExponentialLR(o, gamma=0.1), lambda lr: S.exponential_lr(lr, 0.1)),
+    (4, dict(mode="max", patience=3, threshold_mode="rel", threshold=0.1), [1.5 * (1.025 ** i) for i in range(20)], 10,
+     lambda o: T.CosineAnnealingLR(o, 10, 1e-10), lambda lr: S.cosine_annealing_lr(lr, 10, 1e-10)),
+    (5, dict(patience=5, cooldown=0, threshold_mode="abs", mode="min", threshold=0.1),
+     [10 - i * 0.0165 for i in range(22)], 22, lambda o: T.LinearLR(o, start_factor=0.4, total_iters=4),
+     lambda lr: S.linear_lr(lr, 0.4, total_iters=4)),
+]
+for n, kwargs, metrics, epochs, make, twin in COMPOUND_PLATEAU:
+    rounds = [[(0, metrics[e]), (1, None)] for e in range(epochs)]
+    add(Config(f"test_compound_reduce_lr_on_plateau{n}",
+               lambda o, k=kwargs, r=rounds, make=make: ([T.ReduceLROnPlateau(o, **k), make(o)], r),
+               lambda lr, g, k=kwargs, r=rounds, twin=twin: S.replay(lr, [S.reduce_lr_on_plateau(lr, **k), twin(lr)], r),
+               "ReduceLROnPlateau+chainable", groups=(0.05, 0.5) if n == 4 else PLATEAU_GROUPS))
+
 NOT_TWINNED = {
     "test_error_when_getlr_has_epoch": "a user subclass of LRScheduler with a wrong get_lr signature",
     "test_cycle_lr_cycle_momentum_fail_with_momentumless_optimizer":
@@ -595,5 +662,4 @@ NOT_TWINNED = {
     "test_add_param_group_does_not_break_reduce_lr_on_plateau[added group]":
         "the added group shares the first groups' plateau state (twinned: the first two groups)",
     "test_CosineAnnealingWarmRestarts_T_cur_reset": "sets the scheduler's T_cur attribute from outside",
-    "test_compound_reduce_lr_on_plateau1..5": "ReduceLROnPlateau stepped with a chainable scheduler on one optimizer",
 }

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from jax_impl import schedules as S
-from torch_lrscheduler_configs import CONFIGS, TENSOR
+from torch_lrscheduler_configs import CONFIGS, PLATEAU, TENSOR, plateau_kwargs
 
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 
@@ -107,3 +109,47 @@ def _short_tables(monkeypatch):
 def test_torch_configuration(config):
     result, detail = verdict(config)
     assert result == ("refused as torch" if config.raises else "bitwise"), detail
+
+
+def _plateau_lrs(kwargs, metrics, lr, g, jit=False):
+    tx = S.reduce_lr_on_plateau(lr, **plateau_kwargs(kwargs, g))
+    state = tx.init(None)
+    step = lambda s, value: tx.update({"w": jnp.ones(2)}, s, value=value)  # noqa: E731
+    step = jax.jit(step) if jit else step
+    lrs = [float(state.lr)]
+    for metric in metrics:
+        _, state = step(state, metric)
+        lrs.append(float(state.lr))
+    return lrs
+
+
+@pytest.mark.parametrize("name, kwargs, metrics, groups", PLATEAU, ids=[p[0] for p in PLATEAU])
+def test_reduce_lr_on_plateau_transformation_is_torch(name, kwargs, metrics, groups, x64):
+    """The optax transformation fed the test's metrics: state.lr is torch's lr bit for bit (x64; op by op,
+    the next test compiles it)."""
+    config = next(c for c in CONFIGS if c.test == name)
+    torch_lrs, error = run_torch(config)
+    assert error is None
+    for g in range(len(groups)):
+        assert _plateau_lrs(kwargs, metrics, _lr(groups[g]), g) == torch_lrs[g]
+
+
+JITTED = [PLATEAU[i] for i in (1, 4, 7)]  # abs/min, rel/max with cooldown, per-group min_lr: compiling costs ~1 s each
+
+
+@pytest.mark.parametrize("name, kwargs, metrics, groups", JITTED, ids=[p[0] for p in JITTED])
+def test_reduce_lr_on_plateau_without_x64_is_torchs_float32(name, kwargs, metrics, groups):
+    """Without x64, under jit (the comparisons on the host): float32 metrics (torch fed the same values),
+    torch's decisions, its lr rounded once to float32."""
+    assert not jax.config.jax_enable_x64
+    metrics = [float(np.float32(m)) for m in metrics]
+    config = next(c for c in CONFIGS if c.test == name)
+    optimizer = _optimizer(config)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+    expected = [[float(np.float32(group["lr"]))] for group in optimizer.param_groups]
+    for metric in metrics:
+        scheduler.step(metric)
+        for values, group in zip(expected, optimizer.param_groups):
+            values.append(float(np.float32(group["lr"])))
+    for g in range(len(groups)):
+        assert _plateau_lrs(kwargs, metrics, _lr(groups[g]), g, jit=True) == expected[g]
