@@ -448,8 +448,9 @@ def linear_lr(lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
               horizon: int | None = None) -> TorchSchedule:
     """``LinearLR``: the factor goes linearly from ``start_factor`` to ``end_factor`` over ``total_iters`` steps.
 
-    ``total_iters=0`` is accepted, as torch does (``lr * start_factor`` at
-    count 0, then ``lr``; its closed form divides by zero, as torch's).
+    ``total_iters=0`` is accepted, as torch does (``lr * start_factor``
+    from count 0 on, which torch never leaves; its closed form divides by
+    zero, as torch's).
     """
     _check_lr(lr)
     if start_factor > 1.0 or start_factor <= 0:
@@ -974,26 +975,26 @@ class _ChainedScheduler(_Emulator):
         return all(emulator.steady() for emulator in self.emulators)
 
 
-def _sub_emulators(lr, schedules, what: str) -> list[_Emulator]:
-    for i, schedule in enumerate(schedules):
+def _sub_emulators(lr, schedulers, what: str) -> list[_Emulator]:
+    for i, schedule in enumerate(schedulers):
         if isinstance(schedule, ReduceLROnPlateau) and what == "replay":
             if schedule.lr != _lr_value(lr) or type(schedule.lr) is not type(_lr_value(lr)):
-                raise ValueError(f"Invalid schedules[{i}]: built with lr={schedule.lr!r}, not lr={lr!r}")
+                raise ValueError(f"Invalid schedulers[{i}]: built with lr={schedule.lr!r}, not lr={lr!r}")
             continue
         if not isinstance(schedule, TorchSchedule) or not hasattr(schedule, "emulator"):
-            raise ValueError(f"Invalid schedules[{i}]: {schedule!r} (a schedule from jax_impl.schedules)")
+            raise ValueError(f"Invalid schedulers[{i}]: {schedule!r} (a schedule from jax_impl.schedules)")
         if schedule.last_epoch != -1:
-            raise ValueError(f"Invalid schedules[{i}]: built with last_epoch={schedule.last_epoch}; {what} "
+            raise ValueError(f"Invalid schedulers[{i}]: built with last_epoch={schedule.last_epoch}; {what} "
                              "builds its schedulers fresh")
         if schedule.name != "one_cycle_lr" and schedule.name != "cyclic_lr" and \
                 (schedule.lr != _lr_value(lr) or type(schedule.lr) is not type(_lr_value(lr))):
-            raise ValueError(f"Invalid schedules[{i}]: built with lr={schedule.lr!r}, not lr={lr!r}")
-    return [copy.deepcopy(s.emulator) for s in schedules]
+            raise ValueError(f"Invalid schedulers[{i}]: built with lr={schedule.lr!r}, not lr={lr!r}")
+    return [copy.deepcopy(s.emulator) for s in schedulers]
 
 
-def sequential_lr(lr: float, schedules: Sequence[TorchSchedule], milestones: Sequence[int], *, last_epoch: int = -1,
+def sequential_lr(lr: float, schedulers: Sequence[TorchSchedule], milestones: Sequence[int], *, last_epoch: int = -1,
                   horizon: int | None = None) -> TorchSchedule:
-    """``SequentialLR``: ``schedules[i]`` from ``milestones[i-1]`` on (e.g. linear warmup, then cosine).
+    """``SequentialLR``: ``schedulers[i]`` from ``milestones[i-1]`` on (e.g. linear warmup, then cosine).
 
     The schedules must be built from this module with the same ``lr`` (torch's
     sub-schedulers share the optimizer's lr); their emulators are rerun here
@@ -1004,18 +1005,18 @@ def sequential_lr(lr: float, schedules: Sequence[TorchSchedule], milestones: Seq
     where the table ends).
     """
     _check_lr(lr)
-    schedules, milestones = list(schedules), list(milestones)
-    if len(schedules) < 1:
+    schedulers, milestones = list(schedulers), list(milestones)
+    if len(schedulers) < 1:
         raise ValueError("SequentialLR expects at least one scheduler, but got no scheduler.")
-    if len(milestones) != len(schedules) - 1:
+    if len(milestones) != len(schedulers) - 1:
         raise ValueError("Sequential Schedulers expects number of schedulers provided to be one more than the "
-                         f"number of milestone points, but got number of schedulers {len(schedules)} and the "
+                         f"number of milestone points, but got number of schedulers {len(schedulers)} and the "
                          f"number of milestones to be equal to {len(milestones)}")
-    emulators = _sub_emulators(lr, schedules, "sequential_lr")
+    emulators = _sub_emulators(lr, schedulers, "sequential_lr")
     return _schedule("sequential_lr", _SequentialLR(emulators, milestones), lr, horizon, last_epoch=last_epoch)
 
 
-def chained_scheduler(lr: float, schedules: Sequence[TorchSchedule], *, horizon: int | None = None) -> TorchSchedule:
+def chained_scheduler(lr: float, schedulers: Sequence[TorchSchedule], *, horizon: int | None = None) -> TorchSchedule:
     """``ChainedScheduler``: every schedule steps at every step, in order, each from the lr the previous left.
 
     Also the twin of several schedulers stepping one optimizer
@@ -1023,10 +1024,10 @@ def chained_scheduler(lr: float, schedules: Sequence[TorchSchedule], *, horizon:
     on the optimizer in the order given, from the same ``lr``.
     """
     _check_lr(lr)
-    schedules = list(schedules)
-    if len(schedules) < 1:
+    schedulers = list(schedulers)
+    if len(schedulers) < 1:
         raise ValueError("ChainedScheduler expects at least one scheduler to be chained, but got no scheduler.")
-    emulators = _sub_emulators(lr, schedules, "chained_scheduler")
+    emulators = _sub_emulators(lr, schedulers, "chained_scheduler")
     return _schedule("chained_scheduler", _ChainedScheduler(emulators), lr, horizon)
 
 
@@ -1048,26 +1049,26 @@ class _Replay(_Emulator):
         self.done += 1
 
 
-def replay(lr: float, schedules: Sequence[TorchSchedule], rounds: Sequence[Sequence[tuple[int, float | None]]]
+def replay(lr: float, schedulers: Sequence[TorchSchedule], rounds: Sequence[Sequence[tuple[int, float | None]]]
            ) -> TorchSchedule:
     """Several torch schedulers on one param group, stepped as ``rounds`` says.
 
     The schedulers are built on the optimizer in the order given (from the
     same ``lr``); ``rounds[t]`` lists the ``(index, epoch)`` calls
-    ``schedules[index].step(epoch)`` (``epoch`` None for a plain ``step()``)
+    ``schedulers[index].step(epoch)`` (``epoch`` None for a plain ``step()``)
     made between update ``t + 1`` and ``t + 2``.  The table has
     ``len(rounds) + 1`` entries.  E.g. torch's SWA recipe,
     ``scheduler.step()`` for 5 steps, then ``swa_scheduler.step()``:
     ``replay(lr, [scheduler, swa], [[(0, None)]] * 5 + [[(1, None)]] * 10)``.
     """
     _check_lr(lr)
-    schedules = list(schedules)
+    schedulers = list(schedulers)
     rounds = [[(int(index), argument) for index, argument in calls] for calls in rounds]
     for t, calls in enumerate(rounds):
         for index, _ in calls:
-            if not 0 <= index < len(schedules):
-                raise ValueError(f"Invalid rounds[{t}]: schedule index {index} (0..{len(schedules) - 1})")
-    emulators = _sub_emulators(lr, schedules, "replay")
+            if not 0 <= index < len(schedulers):
+                raise ValueError(f"Invalid rounds[{t}]: schedule index {index} (0..{len(schedulers) - 1})")
+    emulators = _sub_emulators(lr, schedulers, "replay")
     return _schedule("replay", _Replay(emulators, rounds), lr, len(rounds) + 1)
 
 
