@@ -541,8 +541,12 @@ STATE = [
     ("test_swa_lr_state_dict[2]", lambda o: SWALR(o, anneal_epochs=10, anneal_strategy="linear", swa_lr=5.0),
      lambda lr: S.swalr(lr, 5.0, 10, "linear")),
 ]
+STATE_CLASSES = {"test_step": "StepLR", "test_multi": "MultiStepLR", "test_exp_": "ExponentialLR",
+                 "test_cosine": "CosineAnnealingLR", "test_lambda": "LambdaLR", "test_Cosine": "CosineAnnealingWarmRestarts",
+                 "test_swa": "SWALR"}
 for name, make, twin in STATE:
-    add(plain(name, make, lambda lr, g, twin=twin: twin(lr), classes=name.split("_state")[0]))
+    add(plain(name, make, lambda lr, g, twin=twin: twin(lr),
+              classes=next(v for k, v in STATE_CLASSES.items() if name.startswith(k))))
 
 # ----------------------------------------------------------------- test_lr_scheduler_state_dict_load: defaults
 LOAD = [

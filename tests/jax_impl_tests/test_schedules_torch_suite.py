@@ -95,7 +95,7 @@ def verdict(config) -> tuple[str, str]:
     if torch_lrs is None:
         return "refused as torch", f"{type(torch_error).__name__}: {torch_error}"
     if torch_error is not None:
-        return "bitwise", f"{details[0]}, then torch and the twin raise {type(torch_error).__name__}"
+        return "bitwise", f"{details[0]}, then torch and the twin raise {type(torch_error).__name__}: {torch_error}"
     return "bitwise", ", ".join(sorted(set(details)))
 
 
@@ -153,3 +153,40 @@ def test_reduce_lr_on_plateau_without_x64_is_torchs_float32(name, kwargs, metric
             values.append(float(np.float32(group["lr"])))
     for g in range(len(groups)):
         assert _plateau_lrs(kwargs, metrics, _lr(groups[g]), g, jit=True) == expected[g]
+
+
+def report() -> str:
+    """Markdown: torch scheduler class x configurations x verdict (``python tests/jax_impl_tests/<this file>``)."""
+    from collections import defaultdict
+
+    from torch_lrscheduler_configs import NOT_TWINNED
+
+    S.DEFAULT_HORIZON = 10_000
+    rows, off = defaultdict(lambda: defaultdict(int)), []
+    for config in CONFIGS:
+        result, detail = verdict(config)
+        rows[config.classes][result] += 1
+        rows[config.classes]["raises later"] += result == "bitwise" and "then torch and the twin raise" in detail
+        if result == "DIFFERS":
+            off.append(f"- {config.test}: {detail}")
+    lines = ["| torch scheduler class(es) | configurations | bitwise | of which: then raise as torch | refused as torch "
+             "| differs |", "|---|---|---|---|---|---|"]
+    n = lambda r: r["bitwise"] + r["refused as torch"] + r["DIFFERS"]  # noqa: E731
+    for classes in sorted(rows):
+        r = rows[classes]
+        lines.append(f"| {classes} | {n(r)} | {r['bitwise']} | {r['raises later']} | {r['refused as torch']} "
+                     f"| {r['DIFFERS']} |")
+    total = defaultdict(int)
+    for r in rows.values():
+        for k, v in r.items():
+            total[k] += v
+    lines.append(f"| **all** | **{n(total)}** | **{total['bitwise']}** | **{total['raises later']}** "
+                 f"| **{total['refused as torch']}** | **{total['DIFFERS']}** |")
+    lines += ["", "Not bitwise:" if off else "Not bitwise: none."] + off
+    lines += ["", "Not twinned (no one-param-group scheduler configuration):"]
+    lines += [f"- {test}: {why}" for test, why in NOT_TWINNED.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
