@@ -1,10 +1,19 @@
 """``torch.optim.lr_scheduler`` as optax schedules, bit for bit.
 
 Each function is named after a torch scheduler (snake case) and takes its
-arguments, the initial lr first.  It returns a :class:`TorchSchedule`: an
-optax-style schedule mapping the update count ``c`` (0, 1, ...) to the lr
-that torch uses for update ``c + 1`` when the scheduler is stepped after each
-``optimizer.step()`` -- that is, the lr after ``c`` scheduler steps.
+arguments in torch's order, the optimizer's lr in the optimizer's place.  It
+returns a :class:`TorchSchedule`: an optax-style schedule mapping the update
+count ``c`` (0, 1, ...) to the lr that torch uses for update ``c + 1`` when
+the scheduler is stepped after each ``optimizer.step()`` -- that is, the lr
+after ``c`` scheduler steps.  A twin stands for one param group.  Every twin
+also takes ``last_epoch``/``initial_lr`` (resuming a checkpoint, torch's
+``last_epoch`` with the group's ``initial_lr``) and ``step_epochs`` (the
+argument of each ``scheduler.step(epoch)`` call, fractional ones included; one
+table entry per call).  The lr may be a 0-d float32 array or tensor: torch
+then computes on the tensor in float32, and so does the emulation.
+Several schedulers on one param group: :func:`chained_scheduler`,
+:func:`replay`.  ``ReduceLROnPlateau``, driven by a metric, is the optax
+transformation :func:`reduce_lr_on_plateau`.
 
 torch's chainable schedulers compute each lr from the previous one
 (``CosineAnnealingLR``'s recursive form, ``StepLR``'s repeated ``* gamma``),
@@ -303,15 +312,6 @@ def _one_lambda(lr_lambda):
             raise ValueError(f"Expected 1 lr_lambdas, but got {len(lr_lambda)}")
         lr_lambda = lr_lambda[0]
     return lr_lambda
-
-
-_RESUME_DOC = """
-    Every twin also takes, after its torch arguments: ``last_epoch`` and
-    ``initial_lr`` (resuming: torch's ``last_epoch`` with the param group's
-    ``initial_lr`` from the checkpoint, ``lr`` being the group's lr then),
-    ``step_epochs`` (the argument of each ``scheduler.step(epoch)`` call, None
-    for a plain ``step()``; the table then has one entry per call) and
-    ``horizon``."""
 
 
 # ------------------------------------------------------------------ schedulers
@@ -1226,6 +1226,7 @@ def _one_group_param_list(name: str, value, plural: str):
         value = value[0]
     return value
 
-__all__ = ["ReduceLROnPlateau", "ReduceLROnPlateauState", "TorchSchedule", "chained_scheduler", "constant_lr", "cosine_annealing_lr", "cosine_annealing_warm_restarts",
-           "cyclic_lr", "exponential_lr", "lambda_lr", "linear_lr", "multi_step_lr", "multiplicative_lr",
-           "one_cycle_lr", "polynomial_lr", "reduce_lr_on_plateau", "replay", "sequential_lr", "step_lr", "swalr"]
+__all__ = ["ReduceLROnPlateau", "ReduceLROnPlateauState", "TorchSchedule", "chained_scheduler", "constant_lr",
+           "cosine_annealing_lr", "cosine_annealing_warm_restarts", "cyclic_lr", "exponential_lr", "lambda_lr",
+           "linear_lr", "multi_step_lr", "multiplicative_lr", "one_cycle_lr", "polynomial_lr",
+           "reduce_lr_on_plateau", "replay", "sequential_lr", "step_lr", "swalr"]
