@@ -195,7 +195,8 @@ for T_mult, epochs in zip((1, 2, 3), ([0, 1, 2, 3, 4, 5, 12, 27, 3, 4, 5, 6, 13]
 # ----------------------------------------------------------------- two schedulers on one optimizer, closed form
 add(closed_form("test_closed_form_step_lr", lambda o: T.StepLR(o, gamma=0.1, step_size=3),
                 lambda lr: S.step_lr(lr, gamma=0.1, step_size=3), classes="StepLR"))
-add(closed_form("test_closed_form_linearlr", lambda o: T.LinearLR(o, start_factor=1.0 / 3, end_factor=0.7, total_iters=4),
+add(closed_form("test_closed_form_linearlr", lambda o: T.LinearLR(o, start_factor=1.0 / 3, end_factor=0.7,
+                                                                  total_iters=4),
                 lambda lr: S.linear_lr(lr, start_factor=1.0 / 3, end_factor=0.7, total_iters=4), classes="LinearLR"))
 add(closed_form("test_closed_form_constantlr", lambda o: T.ConstantLR(o, factor=1.0 / 3, total_iters=4),
                 lambda lr: S.constant_lr(lr, factor=1.0 / 3, total_iters=4), classes="ConstantLR"))
@@ -263,7 +264,8 @@ for name, make, twin in [
 
 # ----------------------------------------------------------------- tensor lr, step(epoch) (test_constant_initial_*)
 for name, make, twin in [
-        ("LambdaLR", lambda o: T.LambdaLR(o, lr_lambda=L["e10"]), lambda lr, g, e: S.lambda_lr(lr, L["e10"], step_epochs=e)),
+        ("LambdaLR", lambda o: T.LambdaLR(o, lr_lambda=L["e10"]), lambda lr, g, e: S.lambda_lr(lr, L["e10"],
+                                                                                               step_epochs=e)),
         ("MultiplicativeLR", lambda o: T.MultiplicativeLR(o, lr_lambda=L["m95"]),
          lambda lr, g, e: S.multiplicative_lr(lr, L["m95"], step_epochs=e)),
         ("StepLR", lambda o: T.StepLR(o, step_size=30), lambda lr, g, e: S.step_lr(lr, 30, step_epochs=e)),
@@ -271,7 +273,8 @@ for name, make, twin in [
          lambda lr, g, e: S.multi_step_lr(lr, [30, 80], step_epochs=e)),
         ("ConstantLR", lambda o: T.ConstantLR(o), lambda lr, g, e: S.constant_lr(lr, step_epochs=e)),
         ("LinearLR", lambda o: T.LinearLR(o), lambda lr, g, e: S.linear_lr(lr, step_epochs=e)),
-        ("ExponentialLR", lambda o: T.ExponentialLR(o, gamma=0.9), lambda lr, g, e: S.exponential_lr(lr, 0.9, step_epochs=e)),
+        ("ExponentialLR", lambda o: T.ExponentialLR(o, gamma=0.9), lambda lr, g, e: S.exponential_lr(lr, 0.9,
+                                                                                                     step_epochs=e)),
         ("PolynomialLR", lambda o: T.PolynomialLR(o), lambda lr, g, e: S.polynomial_lr(lr, step_epochs=e)),
         ("CosineAnnealingLR", lambda o: T.CosineAnnealingLR(o, T_max=10),
          lambda lr, g, e: S.cosine_annealing_lr(lr, 10, step_epochs=e)),
@@ -294,10 +297,12 @@ add(plain("test_constant_initial_params_swalr", lambda o: SWALR(o, swa_lr=torch.
           note="without the tests' multiply_(0.5)"))
 
 # ----------------------------------------------------------------- SequentialLR
-add(plain("test_sequentiallr1", lambda o: T.SequentialLR(o, [T.ExponentialLR(o, gamma=0.8), T.StepLR(o, gamma=0.1, step_size=4)], [3]),
+add(plain("test_sequentiallr1", lambda o: T.SequentialLR(o, [T.ExponentialLR(o, gamma=0.8), T.StepLR(o, gamma=0.1,
+                                                                                                     step_size=4)], [3]),
           lambda lr, g: S.sequential_lr(lr, [S.exponential_lr(lr, 0.8), S.step_lr(lr, 4, 0.1)], [3]), steps=19,
           classes="SequentialLR"))
-add(plain("test_sequentiallr2", lambda o: T.SequentialLR(o, [T.ConstantLR(o, factor=0.1, total_iters=3), T.ExponentialLR(o, gamma=0.9)], [3]),
+add(plain("test_sequentiallr2", lambda o: T.SequentialLR(o, [T.ConstantLR(o, factor=0.1, total_iters=3),
+                                                             T.ExponentialLR(o, gamma=0.9)], [3]),
           lambda lr, g: S.sequential_lr(lr, [S.constant_lr(lr, 0.1, 3), S.exponential_lr(lr, 0.9)], [3]), steps=13,
           classes="SequentialLR"))
 add(plain("test_[get_last_lr_]sequentiallr[3]",
@@ -305,7 +310,8 @@ add(plain("test_[get_last_lr_]sequentiallr[3]",
                                        T.StepLR(o, gamma=0.1, step_size=2)], [3, 6]),
           lambda lr, g: S.sequential_lr(lr, [S.constant_lr(lr, 0.1, 3), S.exponential_lr(lr, 0.8),
                                              S.step_lr(lr, 2, 0.1)], [3, 6]), steps=12, classes="SequentialLR"))
-add(plain("test_sequentiallr4", lambda o: T.SequentialLR(o, [T.ConstantLR(o, factor=1), T.ConstantLR(o, factor=0.1)], milestones=[10]),
+add(plain("test_sequentiallr4", lambda o: T.SequentialLR(o, [T.ConstantLR(o, factor=1), T.ConstantLR(o, factor=0.1)],
+                                                         milestones=[10]),
           lambda lr, g: S.sequential_lr(lr, [S.constant_lr(lr, factor=1), S.constant_lr(lr, factor=0.1)], [10]),
           steps=20, classes="SequentialLR", groups=(0.1,)))
 
@@ -325,11 +331,13 @@ add(Config("test_sequentiallr5", _sequential5_torch,
            note="torch builds the ConstantLR before the LinearLR it chains after it; SequentialLR's reset makes "
                 "the order moot"))
 add(plain("test_sequentiallr_no_warnings",
-          lambda o: T.SequentialLR(o, [T.LinearLR(o, start_factor=0.5, end_factor=0.1, total_iters=5), T.ExponentialLR(o, gamma=0.9)], [5]),
+          lambda o: T.SequentialLR(o, [T.LinearLR(o, start_factor=0.5, end_factor=0.1, total_iters=5),
+                                       T.ExponentialLR(o, gamma=0.9)], [5]),
           lambda lr, g: S.sequential_lr(lr, [S.linear_lr(lr, 0.5, 0.1, 5), S.exponential_lr(lr, 0.9)], [5]),
           classes="SequentialLR"))
 add(plain("test_sequentiallr_does_not_alias_lr_and_initial_lr",
-          lambda o: T.SequentialLR(o, [T.LinearLR(o, 0.1, 0.8, total_iters=4), T.LinearLR(o, 0.8, 0.1, total_iters=4)], milestones=[4]),
+          lambda o: T.SequentialLR(o, [T.LinearLR(o, 0.1, 0.8, total_iters=4), T.LinearLR(o, 0.8, 0.1,
+                                                                                          total_iters=4)], milestones=[4]),
           lambda lr, g: S.sequential_lr(lr, [S.linear_lr(lr, 0.1, 0.8, 4), S.linear_lr(lr, 0.8, 0.1, 4)], [4]),
           steps=8, classes="SequentialLR", groups=((TENSOR, 2.0),)))
 
@@ -339,7 +347,9 @@ add(plain("test_chained_lr1", lambda o: T.ChainedScheduler([T.StepLR(o, gamma=0.
 add(plain("test_chained_lr2", lambda o: T.ChainedScheduler([T.LinearLR(o, start_factor=0.4, total_iters=3)]),
           lambda lr, g: chained_twin(lr, lambda lr: S.linear_lr(lr, 0.4, total_iters=3)), classes="ChainedScheduler"))
 add(plain("test_chained_lr3[_get_last_lr_before_step]",
-          lambda o: T.ChainedScheduler([T.LinearLR(o, start_factor=0.4, total_iters=3), T.MultiStepLR(o, milestones=[4, 8, 10], gamma=0.1)]),
+          lambda o: T.ChainedScheduler([T.LinearLR(o, start_factor=0.4, total_iters=3), T.MultiStepLR(o,
+                                                                                                      milestones=[4,
+                                                                                                                  8, 10], gamma=0.1)]),
           lambda lr, g: chained_twin(lr, lambda lr: S.linear_lr(lr, 0.4, total_iters=3),
                                      lambda lr: S.multi_step_lr(lr, [4, 8, 10], 0.1)), classes="ChainedScheduler"))
 add(plain("test_chained_lr4",
@@ -432,6 +442,24 @@ add(plain("test_cycle_lr_cycle_momentum_with_beta1_optimizer[_state_dict_picklab
           lambda o: T.CyclicLR(o, base_lr=1, max_lr=5, cycle_momentum=True),
           lambda lr, g: S.cyclic_lr(lr, base_lr=1, max_lr=5, cycle_momentum=True), classes="CyclicLR",
           groups=(0.001,), optimizer="Adam"))
+add(plain("test_cycle_lr_removed_after_out_of_scope[_state_dict_picklable built-in]",
+          lambda o: T.CyclicLR(o, base_lr=1, max_lr=5, cycle_momentum=False),
+          lambda lr, g: S.cyclic_lr(lr, base_lr=1, max_lr=5, cycle_momentum=False), classes="CyclicLR",
+          groups=(0.001,), optimizer="Adam"))
+
+
+class ScaleFn:  # test_cycle_lr_state_dict_picklable's callable class
+    def __init__(self) -> None:
+        self.x = 0.5
+
+    def __call__(self, _):
+        return self.x
+
+
+add(plain("test_cycle_lr_state_dict_picklable[ScaleFn object]",
+          lambda o: T.CyclicLR(o, base_lr=1, max_lr=5, cycle_momentum=False, scale_fn=ScaleFn()),
+          lambda lr, g: S.cyclic_lr(lr, base_lr=1, max_lr=5, cycle_momentum=False, scale_fn=ScaleFn()),
+          steps=4500, classes="CyclicLR", groups=(0.001,), optimizer="Adam"))
 add(plain("test_cycle_lr_state_dict_picklable[scale_fn]",
           lambda o: T.CyclicLR(o, base_lr=1, max_lr=5, cycle_momentum=False, scale_fn=scale_half),
           lambda lr, g: S.cyclic_lr(lr, base_lr=1, max_lr=5, cycle_momentum=False, scale_fn=scale_half),
@@ -494,7 +522,8 @@ add(refused("test_onecycle_lr_cannot_calculate_total_steps", lambda o: T.OneCycl
 add(Config("test_swalr_no_anneal", lambda o: ([SWALR(o, anneal_epochs=1, swa_lr=0.01)], [[]] * 5 + [[(0, None)]] * 5),
            lambda lr, g: S.replay(lr, [S.swalr(lr, anneal_epochs=1, swa_lr=0.01)], [[]] * 5 + [[(0, None)]] * 5),
            "SWALR"))
-for name, swa_lrs, anneal_epochs, strategy in [("test_swalr_cosine_anneal_after_multiplicative", [0.01, 0.01], 5, "cos"),
+for name, swa_lrs, anneal_epochs, strategy in [("test_swalr_cosine_anneal_after_multiplicative", [0.01, 0.01], 5,
+                                                "cos"),
                                                ("test_swalr_linear_anneal_after_multiplicative", [0.01, 0.02], 4,
                                                 "linear")]:
     rounds = [[(0, None)]] * 5 + [[(1, None)]] * 10
@@ -521,7 +550,8 @@ add(refused("test_multiplicative_lr_with_lr_lambda[list]", lambda o: T.Multiplic
 # ----------------------------------------------------------------- state-dict tests: their schedulers, stepped
 STATE = [
     ("test_step_lr_state_dict", lambda o: T.StepLR(o, gamma=0.1, step_size=3), lambda lr: S.step_lr(lr, 3, 0.1)),
-    ("test_step_lr_state_dict[2]", lambda o: T.StepLR(o, gamma=0.01 / 2, step_size=1), lambda lr: S.step_lr(lr, 1, 0.01 / 2)),
+    ("test_step_lr_state_dict[2]", lambda o: T.StepLR(o, gamma=0.01 / 2, step_size=1), lambda lr: S.step_lr(lr, 1,
+                                                                                                            0.01 / 2)),
     ("test_multi_step_lr_state_dict[2]", lambda o: T.MultiStepLR(o, gamma=0.01, milestones=[1, 4, 6]),
      lambda lr: S.multi_step_lr(lr, [1, 4, 6], 0.01)),
     ("test_exp_step_lr_state_dict", lambda o: T.ExponentialLR(o, gamma=0.1), lambda lr: S.exponential_lr(lr, 0.1)),
@@ -576,19 +606,24 @@ for name, make, twin in LOAD:
 # ----------------------------------------------------------------- the issue's cases (not in the test file)
 c = T.ConstantLR
 add(plain("nested SequentialLR",
-          lambda o: T.SequentialLR(o, [T.SequentialLR(o, [c(o, factor=0.5, total_iters=2), c(o, factor=0.2, total_iters=10)], [2])], []),
-          lambda lr, g: S.sequential_lr(lr, [S.sequential_lr(lr, [S.constant_lr(lr, 0.5, 2), S.constant_lr(lr, 0.2, 10)],
+          lambda o: T.SequentialLR(o, [T.SequentialLR(o, [c(o, factor=0.5, total_iters=2), c(o, factor=0.2,
+                                                                                             total_iters=10)], [2])], []),
+          lambda lr, g: S.sequential_lr(lr, [S.sequential_lr(lr, [S.constant_lr(lr, 0.5, 2), S.constant_lr(lr, 0.2,
+                                                                                                           10)],
                                                              [2])], []), steps=15, classes="SequentialLR"))
 add(plain("nested SequentialLR at a milestone",
           lambda o: T.SequentialLR(o, [c(o, factor=0.5, total_iters=2),
-                                       T.SequentialLR(o, [c(o, factor=0.5, total_iters=2), c(o, factor=0.2, total_iters=10)], [2])], [3]),
+                                       T.SequentialLR(o, [c(o, factor=0.5, total_iters=2), c(o, factor=0.2,
+                                                                                             total_iters=10)], [2])], [3]),
           lambda lr, g: S.sequential_lr(lr, [S.constant_lr(lr, 0.5, 2),
-                                             S.sequential_lr(lr, [S.constant_lr(lr, 0.5, 2), S.constant_lr(lr, 0.2, 10)],
+                                             S.sequential_lr(lr, [S.constant_lr(lr, 0.5, 2), S.constant_lr(lr, 0.2,
+                                                                                                           10)],
                                                              [2])], [3]), steps=6, classes="SequentialLR",
           note="torch raises NotImplementedError at the milestone (a SequentialLR has no get_lr); so does the twin"))
 add(plain("ConstantLR(factor=0)", lambda o: c(o, factor=0, total_iters=3), lambda lr, g: S.constant_lr(lr, 0, 3),
           steps=6, classes="ConstantLR", note="torch raises ZeroDivisionError at step 3; so does the twin"))
-add(plain("LinearLR(total_iters=0)", lambda o: T.LinearLR(o, total_iters=0), lambda lr, g: S.linear_lr(lr, total_iters=0),
+add(plain("LinearLR(total_iters=0)", lambda o: T.LinearLR(o, total_iters=0), lambda lr, g: S.linear_lr(lr,
+                                                                                                       total_iters=0),
           steps=5, classes="LinearLR"))
 
 # ----------------------------------------------------------------- ReduceLROnPlateau (fed the metric)
@@ -655,8 +690,9 @@ for n, kwargs, metrics, epochs, make, twin in COMPOUND_PLATEAU:
     rounds = [[(0, metrics[e]), (1, None)] for e in range(epochs)]
     add(Config(f"test_compound_reduce_lr_on_plateau{n}",
                lambda o, k=kwargs, r=rounds, make=make: ([T.ReduceLROnPlateau(o, **k), make(o)], r),
-               lambda lr, g, k=kwargs, r=rounds, twin=twin: S.replay(lr, [S.reduce_lr_on_plateau(lr, **k), twin(lr)], r),
-               "ReduceLROnPlateau+chainable", groups=(0.05, 0.5) if n == 4 else PLATEAU_GROUPS))
+               lambda lr, g, k=kwargs, r=rounds, twin=twin: S.replay(lr, [S.reduce_lr_on_plateau(lr, **k), twin(lr)],
+                                                                     r),
+               "ReduceLROnPlateau+chainable", groups=(0.05, 0.05) if n == 4 else PLATEAU_GROUPS))
 
 NOT_TWINNED = {
     "test_error_when_getlr_has_epoch": "a user subclass of LRScheduler with a wrong get_lr signature",
