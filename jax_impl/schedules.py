@@ -829,9 +829,11 @@ class _OneCycleLR(_Emulator):
         # one reads max_lr and min_lr from the (loaded) group: the same values, from the same arguments.
         if last_epoch == -1:
             group["initial_lr"] = self.max_lr / self.div_factor
-        if "initial_lr" in group:
+            group["max_lr"] = self.max_lr
+            group["min_lr"] = group["initial_lr"] / self.final_div_factor
+        elif "initial_lr" in group:
             group.setdefault("max_lr", self.max_lr)
-            group.setdefault("min_lr", self.max_lr / self.div_factor / self.final_div_factor)
+            group.setdefault("min_lr", group["initial_lr"] / self.final_div_factor)
         super().attach(group, last_epoch)
 
     def _anneal(self, start, end, pct):
