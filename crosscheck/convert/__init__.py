@@ -37,7 +37,8 @@ module is which kind, and how each kind's arrays move), :mod:`~crosscheck.conver
 :mod:`~crosscheck.convert.flax_layers` (Flax layers with torch's semantics).
 """
 
-from crosscheck.convert.layers import KINDS, ConversionError, Layer, conv_transpose_padding, layers_of
+from crosscheck.convert.layers import KINDS, ConversionError, Layer, conv_transpose_padding, parse_path
+from crosscheck.convert.matching import Matching, layers_of, match
 from crosscheck.convert.optimizer import (jax_optimizer_groups_to_torch, jax_optimizer_to_torch,
                                           load_nnx_optimizer_state, torch_optimizer_groups_to_jax,
                                           torch_optimizer_to_jax)
@@ -45,7 +46,7 @@ from crosscheck.convert.trees import Path
 from crosscheck.convert.weights import (linen_to_torch, nnx_to_torch, param_names, params_to_flax, params_to_torch,
                                         torch_layout, torch_to_linen, torch_to_nnx)
 
-__all__ = ["KINDS", "ConversionError", "Layer", "Path", "conv_transpose_padding", "jax_optimizer_groups_to_torch",
+__all__ = ["KINDS", "ConversionError", "Layer", "Matching", "Path", "match", "parse_path", "conv_transpose_padding", "jax_optimizer_groups_to_torch",
            "jax_optimizer_to_torch", "layers_of", "linen_to_torch", "load_nnx_optimizer_state", "nnx_to_torch",
            "param_names", "params_to_flax", "params_to_torch", "torch_layout", "torch_optimizer_groups_to_jax",
            "torch_optimizer_to_jax", "torch_to_linen", "torch_to_nnx"]
