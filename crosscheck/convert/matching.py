@@ -133,7 +133,8 @@ def _nnx_modules(model) -> list[FlaxModule]:
         if isinstance(node, nnx.Variable):
             home = owner if owner is not None else path[:-1]
             entry = modules.setdefault(home, {"leaves": {}, "kind": None, "module": None, "order": len(modules)})
-            entry["leaves"][path[len(home):]] = (collection(node), tuple(np.shape(node[...])))
+            value = node.get_value() if hasattr(node, "get_value") else node.value  # also abstract (nnx.eval_shape)
+            entry["leaves"][path[len(home):]] = (collection(node), tuple(np.shape(value)))
             return
         if isinstance(node, (list, tuple)):
             children = list(enumerate(node))
@@ -242,7 +243,14 @@ def _units(model: torch.nn.Module, layers: Sequence[Layer]) -> list[_Unit]:
 
 
 def torch_order(model: torch.nn.Module, example) -> dict[str, int]:
-    """Module name -> its position in torch's forward on ``example`` (forward pre-hooks, no gradients)."""
+    """Module name -> its position in torch's forward on ``example`` (forward pre-hooks, no gradients).
+
+    It runs a copy in eval mode: the order of calls is the same, and a
+    train-mode BatchNorm of the caller's model keeps its statistics.
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval()
     order: dict[str, int] = {}
 
     def hook(name: str):
@@ -449,13 +457,15 @@ def _unmatched_message(left_units: list[_Unit], left_modules: list[FlaxModule], 
         lines.append("  Flax leaves without a torch entry: " + "; ".join(
             f"{show(m.path) or '(root)'} ({_describe(m.leaves)})" for m in left_modules))
     for unit in left_units:
-        close = closest(show(unit.path), [show(m.path) for m in left_modules])
-        same = [show(m.path) for m in left_modules if _signature(m.leaves, m.kind) == _signature(unit.leaves,
-                                                                                                 unit.kind)]
-        hint = same + [c for c in close if c not in same]
+        paths = [show(m.path) for m in left_modules]
+        same = [show(m.path) for m in left_modules
+                if _signature(m.leaves, m.kind) == _signature(unit.leaves, unit.kind)]
+        kind = [show(m.path) for m in left_modules if m.kind is not None
+                and m.kind == _FLAX_KIND.get(unit.kind, unit.kind) and show(m.path) not in same]
+        near = [p for p in closest(show(unit.path), paths) if p not in same and p not in kind]
+        hint = [f"{p} (same shapes)" for p in same] + [f"{p} (same kind)" for p in kind] + near
         if hint:
-            lines.append(f"  closest to torch {unit.name or '(root)'}: {', '.join(hint[:3])}"
-                         + (" (same shapes)" if same else ""))
+            lines.append(f"  closest to torch {unit.name or '(root)'}: {', '.join(hint[:3])}")
     lines.append("  pass a mapping (rename= / --mapping FILE.json: torch name or prefix -> Flax path)")
     return "\n".join(lines)
 

@@ -40,10 +40,12 @@ def check_keys(have: Iterable, want: Iterable, what: str, *, origin: Mapping | N
     origin = origin or {}
     item = lambda k: (f"{origin[k]} -> " if k in origin else "") + show(k) + (  # noqa: E731
         f" {shapes[k]}" if k in shapes else "")
-    fmt = lambda keys: ", ".join(sorted(map(item, keys)))  # noqa: E731
+    def fmt(keys) -> str:
+        items = sorted(map(item, keys))
+        return ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
     parts = ([f"missing {fmt(missing)}"] if missing else []) + ([f"extra {fmt(extra)} ({extra_why})"] if extra else [])
     lines = [f"{what}: " + "; ".join(parts)]
-    for key in sorted(extra, key=show)[:20]:
+    for key in sorted(extra, key=show)[:6]:
         same = sorted(show(k) for k in missing if shapes.get(k) is not None and shapes.get(k) == shapes.get(key))
         near = closest(show(key), [show(k) for k in missing])
         candidates = [*[s for s in near if s in same], *[s for s in same if s not in near], *[s for s in near if s not in same]]

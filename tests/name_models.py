@@ -1,4 +1,4 @@
-"""Torch models and ports whose names differ the way real ports' do (tests/crosscheck_tests/convert/test_names.py).
+"""Torch models and ports whose names differ the way real ports' do (used by tests/crosscheck_tests/convert/test_names.py).
 
 Tiny configurations, random initialization: nothing is downloaded.
 """
@@ -177,7 +177,9 @@ class LinenSmallResNet(linen.Module):
 
 
 def linen_small_resnet_variables():
-    return LinenSmallResNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    """Zeros of init's shapes (no compile: matching reads shapes; the keys come back sorted, as tree maps sort them)."""
+    shapes = jax.eval_shape(lambda: LinenSmallResNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 # ---------------------------------------------------------------- a persistent=False buffer (a position table)
@@ -261,3 +263,22 @@ def make_nnx_basic_block():
 
 def numpy_batch(shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+class NnxTwoSameSwapped(NnxTwoSame):
+    """Defines dense_b before dense_a, calls dense_a first: definition order misleads, a mapping is needed."""
+
+    def __init__(self, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.dense_b = nnx.Linear(8, 8, rngs=rngs)
+        self.dense_a = nnx.Linear(8, 8, rngs=rngs)
+        self.logits = nnx.Linear(8, 3, rngs=rngs)
+
+
+def make_nnx_two_same_swapped():
+    return NnxTwoSameSwapped(nnx.Rngs(0))
+
+
+def abstract_nnx_basic_block():
+    """Shapes only (nnx.eval_shape): enough for --print-mapping, which stops before running anything."""
+    return nnx.eval_shape(make_nnx_basic_block)
