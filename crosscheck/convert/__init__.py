@@ -9,6 +9,7 @@ torch layer   torch key (layout)             Flax leaf (collection, layout)
 ============  =============================  ==================================
 Conv{1,2,3}d  weight (O, I, *K), bias        kernel (*K, I, O), bias   (params)
 Linear        weight (out, in), bias         kernel (in, out), bias    (params)
+HF Conv1D     weight (in, out), bias         kernel (in, out), bias    (params)
 BatchNorm     weight, bias                   scale, bias               (params)
               running_mean, running_var      mean, var            (batch_stats)
 LayerNorm,    weight, bias                   scale, bias               (params)
@@ -30,7 +31,9 @@ per-parameter float32 ``step`` becomes ``jax_impl.AdamWState.count``; torch's
 parameter indices (the optimizer's order) become pytree paths.
 
 The modules: :mod:`~crosscheck.convert.layers` (the layer table: which torch
-module is which kind, and how each kind's arrays move), :mod:`~crosscheck.convert.weights`
+module is which kind, and how each kind's arrays move), :mod:`~crosscheck.convert.matching`
+(``layers_of``: where each layer lives in the port, by name, convention, shape and order),
+:mod:`~crosscheck.convert.weights`
 (state dicts to and from linen and nnx, ``torch_layout``),
 :mod:`~crosscheck.convert.optimizer` (AdamW state, also by param group),
 :mod:`~crosscheck.convert.checkpoint` (verified checkpoints in both frameworks),

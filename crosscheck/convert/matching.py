@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosscheck.convert.layers import ConversionError, Layer, array_to_flax, layer_entries, parse_path, read_layers
+from crosscheck.convert.layers import ConversionError, Layer, array_to_flax, layer_entries, read_layers
 from crosscheck.convert.trees import Path, closest, flatten, show
 
 # A model's own layer class keeps torch's names; Flax's layers use these (identity layouts only).
@@ -128,7 +128,7 @@ def _nnx_modules(model) -> list[FlaxModule]:
         if id(node) in seen:
             return
         seen.add(id(node))
-        if isinstance(node, nnx.RngState) or isinstance(node, nnx.Rngs):
+        if isinstance(node, (nnx.RngState, nnx.Rngs)):
             return
         if isinstance(node, nnx.Variable):
             home = owner if owner is not None else path[:-1]
@@ -140,7 +140,7 @@ def _nnx_modules(model) -> list[FlaxModule]:
             children = list(enumerate(node))
         elif isinstance(node, Mapping):
             children = list(node.items())
-        elif isinstance(node, nnx.Module) or isinstance(node, getattr(nnx, "Pytree", nnx.Module)):
+        elif isinstance(node, nnx.Pytree):  # modules, nnx.List, nnx.Dict
             children = [(int(k) if k.isdigit() else k, v) for k, v in vars(node).items() if not k.startswith("_")]
             kind = next((k for cls, k in types if isinstance(node, cls)), None) if isinstance(node, nnx.Module) \
                 else None
@@ -301,12 +301,16 @@ def _same_collection(torch_side: str, flax_side: str) -> bool:
 
 
 def _signature(leaves: Mapping, kind: str | None) -> tuple:
-    def shape(key, s):
-        return tuple(sorted(s[-2:])) + s[:-2] if kind == "conv_transpose" and key[-1:] == ("kernel",) else s
-    return tuple(sorted((tuple(_CANONICAL.get(str(p), str(p)) for p in (k if isinstance(k, tuple) else (k,))),
-                         s, shape(k if isinstance(k, tuple) else (k,), s))
-                        for k, (_, s) in leaves.items() if not str(k).endswith("num_batches_tracked')")
-                        and (k if isinstance(k, tuple) else (k,))[-1] != "num_batches_tracked"))
+    """What structural matching groups by: leaf names up to the aliases, and shapes (a ConvTranspose's
+    last two kernel dimensions unordered: its convention is read from the Flax module after the match)."""
+    def path(key) -> tuple:
+        return key if isinstance(key, tuple) else (key,)
+
+    def shape(key: tuple, s: tuple) -> tuple:
+        return (*s[:-2], *sorted(s[-2:])) if kind == "conv_transpose" and key[-1] == "kernel" else s
+
+    return tuple(sorted((tuple(_CANONICAL.get(str(p), str(p)) for p in path(k)), shape(path(k), s))
+                        for k, (_, s) in leaves.items() if path(k)[-1] != "num_batches_tracked"))
 
 
 def _describe(leaves: Mapping) -> str:
@@ -399,7 +403,7 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
     groups: dict[tuple, tuple[list, list]] = {}
     for i in sorted(free_units, key=lambda i: units[i].order):
         unit = units[i]
-        groups.setdefault((_signature(unit.leaves, unit.kind)), ([], []))[0].append(i)
+        groups.setdefault(_signature(unit.leaves, unit.kind), ([], []))[0].append(i)
     for m in sorted(free_modules, key=lambda m: m.order):
         groups.setdefault(_signature(m.leaves, m.kind), ([], []))[1].append(m)
     executed = bool(order) or linen
@@ -419,11 +423,11 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
     left_units = [units[i] for i in range(len(units)) if i not in placed]
     left_modules = [m for m in modules if m.path not in claimed]
     if ambiguous or left_units or left_modules:
-        in_doubt = {i for torch_side, _ in ambiguous for i in torch_side}
+        in_doubt = {i for torch_side, _ in ambiguous for i in torch_side}  # named once, as candidates
         unsure = {m.path for _, flax_side in ambiguous for m in flax_side}
-        raise ConversionError(_unmatched_message([u for i, u in enumerate(units) if i not in placed and i not in in_doubt],
-                                                 [m for m in left_modules if m.path not in unsure], ambiguous, units,
-                                                 linen))
+        raise ConversionError(_unmatched_message(
+            [u for i, u in enumerate(units) if i not in placed and i not in in_doubt],
+            [m for m in left_modules if m.path not in unsure], ambiguous, units))
     out_layers, rows = [], []
     for i, unit in enumerate(units):
         module, fit, how = placed[i]
@@ -440,7 +444,7 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
     return Matching([by_name[layer.torch_name] for layer in layers], rows)
 
 
-def _unmatched_message(left_units: list[_Unit], left_modules: list[FlaxModule], ambiguous, units, linen) -> str:
+def _unmatched_message(left_units: list[_Unit], left_modules: list[FlaxModule], ambiguous, units) -> str:
     lines = ["cannot match the torch model's layers to the Flax model:"]
     for torch_side, flax_side in ambiguous:
         names = ", ".join(units[i].name for i in torch_side)

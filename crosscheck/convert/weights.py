@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
@@ -328,7 +327,7 @@ def params_to_flax_flat(named: Mapping[str, Any], layers: Sequence[Layer]) -> di
     return flat
 
 
-def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
+def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None, *, labels=None):
     """For ``jax_impl.adamw(torch_layout=...)``: each Flax param element's flat index in its torch tensor.
 
     torch's fused CPU kernel rounds the last ``numel % 8`` elements of each
@@ -339,6 +338,12 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     ``nnx.Optimizer`` and ``jax_impl.ExactOptimizer`` need.  Only trainable
     torch parameters are listed (torch's optimizer never sees frozen ones);
     with ``like``, the params must match its ``nnx.Param`` leaves.
+
+    Inside ``optax.multi_transform`` each inner transform sees the params with
+    ``optax.MaskedNode()`` where another label's leaves are: pass the same
+    ``labels`` (the label tree, or the callable of params) and get one layout
+    per label, masked alike (``{"adamw": ..., "sgd": ...}``) for
+    ``jax_impl.adamw(torch_layout=layouts[label])``.
     """
     named = {name: np.arange(p.numel()).reshape(p.shape) for name, p in model.named_parameters() if p.requires_grad}
     # A packed torch tensor (MultiheadAttention's in_proj_weight) splits into q/k/v leaves: each leaf gets
@@ -347,7 +352,7 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     rank = lambda x: np.argsort(np.argsort(x.ravel(), kind="stable"), kind="stable").reshape(x.shape)  # noqa: E731
     tree = nest({path: rank(x) for path, x in params_to_flax_flat(named, layers).items()})
     if like is None:
-        return tree
+        return tree if labels is None else _by_label(tree, labels)
     from flax import nnx
 
     state = nnx.clone(nnx.state(like, nnx.Param) if isinstance(like, nnx.Module) else like)
@@ -356,7 +361,21 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     check_keys(flat, template, "torch_layout")
     check_shapes(flat, template, "torch_layout")
     nnx.replace_by_pure_dict(state, nest(flat))
-    return state
+    return state if labels is None else _by_label(state, labels)
+
+
+def _by_label(layout, labels) -> dict:
+    """One layout per label of ``optax.multi_transform``, ``optax.MaskedNode()`` at the other labels' leaves."""
+    import jax
+    import optax
+
+    tree = labels(layout) if callable(labels) else labels
+    try:
+        names = jax.tree.leaves(jax.tree.map(lambda _, label: label, layout, tree))
+    except ValueError as err:
+        raise ConversionError(f"torch_layout: labels do not have the params' tree structure: {err}") from None
+    return {name: jax.tree.map(lambda x, label, name=name: x if label == name else optax.MaskedNode(), layout, tree)
+            for name in dict.fromkeys(names)}
 
 
 def params_to_torch(tree, layers: Sequence[Layer], names: Sequence[str]) -> dict[str, torch.Tensor]:
