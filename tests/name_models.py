@@ -282,3 +282,57 @@ def make_nnx_two_same_swapped():
 def abstract_nnx_basic_block():
     """Shapes only (nnx.eval_shape): enough for --print-mapping, which stops before running anything."""
     return nnx.eval_shape(make_nnx_basic_block)
+
+
+# ---------------------------------------------------------------- torchvision's ResNet-18 names vs flaxmodels' linen one
+
+
+class TorchvisionBasicBlock(torch.nn.Module):
+    """torchvision.models.resnet.BasicBlock's names and layers (torchvision itself does not import beside CPU torch)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(planes)
+        self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchvisionResNet18(torch.nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(64)
+        widths, inplanes = (64, 128, 256, 512), 64
+        for i, planes in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", torch.nn.Sequential(TorchvisionBasicBlock(inplanes, planes, stride),
+                                                               TorchvisionBasicBlock(planes, planes)))
+            inplanes = planes
+        self.fc = torch.nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def flaxmodels_resnet18_variables(init: bool = True):
+    """flaxmodels' linen ResNet18 (random init, nothing downloaded): ``module.init``'s own dict (call order), or
+    (``init=False``) zeros of its shapes, whose keys ``jax.eval_shape`` sorted."""
+    import flaxmodels
+
+    module = flaxmodels.ResNet18(output="logits", pretrained=None, num_classes=10)
+    make = lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)  # noqa: E731
+    with jax.numpy_rank_promotion("allow"):  # flaxmodels broadcasts (C,) against (N, H, W, C); the tests raise
+        if init:
+            return make()
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(make))

@@ -15,10 +15,13 @@ variables), in three stages, each torch layer taking the first that fits:
    transposed, HF ``Conv1D`` (in, out) kept) and the kind of the Flax module
    (its nnx class, or linen's ``Conv_0``/``Dense_1``/``BatchNorm_3`` names);
    a group holding one layer on each side is matched by shape; several are
-   paired in execution order, which needs an execution order on at least one
-   side: torch's forward hooks (``example=`` an input) or linen's numbering
-   (its modules are numbered as they are called).  Two definition orders prove
-   nothing, and unequal groups cannot be paired: both are refused, naming the candidates.
+   paired in order, which needs the Flax order (nnx's definition order, linen's
+   call order: its numbering within a module type, ``module.init``'s own dict
+   across types; list indices) and an order of calls on one side at least:
+   torch's forward hooks (``example=`` an input), linen's, or indices.  Two
+   definition orders prove nothing, a dict sorted by a tree map has lost its
+   order across types, and unequal groups cannot be paired: all are refused,
+   naming the candidates.
 
 Anything left unmatched on either side raises :class:`ConversionError` listing
 both sides' leftovers and each one's closest candidates.  Every match comes
@@ -159,18 +162,30 @@ def _nnx_modules(model) -> list[FlaxModule]:
             for path, m in modules.items() if m["leaves"]]
 
 
-def _linen_modules(variables: Mapping) -> list[FlaxModule]:
+def _family(part) -> tuple[str, int | None]:
+    """linen's ``Conv_3`` -> ("Conv", 3); a list index 3 -> ("", 3); any other name -> (name, None)."""
+    if isinstance(part, int):
+        return "", part
+    match = re.fullmatch(r"(.*)_(\d+)", str(part))
+    return (match.group(1), int(match.group(2))) if match else (str(part), None)
+
+
+def _linen_modules(variables: Mapping) -> tuple[list[FlaxModule], set[Path]]:
+    """The modules and the parents whose children's call order is lost (keys sorted by a tree map or jit)."""
     modules: dict[Path, dict] = {}
-    # call order: linen numbers Conv_0, Conv_1, ... as they are called; keep that order even if the dict was sorted
+    # linen numbers Conv_0, Conv_1, ... as they are called: within a family that is the call order even in a
+    # sorted dict; across families only module.init's own dict (insertion order) tells
     first_family: dict[tuple, int] = {}
+    children: dict[Path, list] = {}
 
     def key_of(path: Path) -> tuple:
         out = []
         for i, part in enumerate(path):
-            match = re.fullmatch(r"(.*)_(\d+)", str(part))
-            family, number = (match.group(1), int(match.group(2))) if match else (str(part), -1)
+            family, number = _family(part)
             rank = first_family.setdefault((path[:i], family), len(first_family))
-            out.append((rank, number))
+            out.append((rank, -1 if number is None else number))
+            if part not in children.setdefault(path[:i], []):
+                children[path[:i]].append(part)
         return tuple(out)
 
     for key, value in flatten(variables).items():
@@ -178,26 +193,46 @@ def _linen_modules(variables: Mapping) -> list[FlaxModule]:
         home = tuple(path[:-1])
         entry = modules.setdefault(home, {"leaves": {}, "order": key_of(home)})
         entry["leaves"][(path[-1],)] = (collection, tuple(np.shape(value)))
+    lost = {parent for parent, kids in children.items()
+            if len({_family(k)[0] for k in kids}) > 1 and [str(k) for k in kids] == sorted(map(str, kids))}
     out = []
     for path, m in modules.items():
-        family = re.fullmatch(r"(.*)_\d+", str(path[-1])) if path else None
-        out.append(FlaxModule(path, m["leaves"], _LINEN_KINDS.get(family.group(1)) if family else None, m["order"]))
-    return out
+        family = _family(path[-1])[0] if path else None
+        out.append(FlaxModule(path, m["leaves"], _LINEN_KINDS.get(family), m["order"]))
+    return out, lost
 
 
-def flax_modules(like) -> tuple[list[FlaxModule], bool]:
-    """The Flax modules holding arrays, in definition order (nnx) or call order (linen); and whether linen."""
+def flax_modules(like) -> tuple[list[FlaxModule], str, set[Path] | None]:
+    """The Flax modules holding arrays; which order they come in ("linen": call order, "nnx": definition
+    order, "sorted": none); and the parents whose children's order is lost (None: all of them)."""
     from flax import nnx
 
     if isinstance(like, nnx.Module):
-        return _nnx_modules(like), False
-    if isinstance(like, nnx.State):
-        like = nnx.to_pure_dict(like)
-        return [dataclasses.replace(m, leaves={k: ("params", s) for k, (_, s) in m.leaves.items()})
-                for m in _linen_modules({"params": like})], False
+        return _nnx_modules(like), "nnx", set()
+    if isinstance(like, nnx.State):  # keys sorted, Variable types gone: any collection, no order but indices
+        modules, _ = _linen_modules({"params": nnx.to_pure_dict(like)})
+        return [dataclasses.replace(m, leaves={k: ("?", s) for k, (_, s) in m.leaves.items()})
+                for m in modules], "sorted", None
     if isinstance(like, Mapping):
-        return _linen_modules(like if any(k in like for k in ("params", "batch_stats")) else {"params": like}), True
+        modules, lost = _linen_modules(like if any(k in like for k in ("params", "batch_stats")) else {"params": like})
+        return modules, "linen", lost
     raise ConversionError(f"like={type(like).__name__}: expected an nnx.Module, an nnx.State or linen variables")
+
+
+def _order_known(members: Sequence[FlaxModule], lost: set[Path] | None) -> tuple[bool, bool]:
+    """(whether the members' order is known, whether it is by numbers alone: linen's or a list's indices)."""
+    numbered = True
+    for a, b in zip(members, members[1:]):
+        i = next((i for i, (x, y) in enumerate(zip(a.path, b.path)) if x != y), None)
+        if i is None:
+            continue
+        (fa, na), (fb, nb) = _family(a.path[i]), _family(b.path[i])
+        if fa == fb and na is not None and nb is not None:
+            continue
+        numbered = False
+        if lost is None or a.path[:i] in lost:
+            return False, False
+    return True, numbered
 
 
 # ---------------------------------------------------------------- the torch side
@@ -296,7 +331,7 @@ def _fits(unit: _Unit, module: FlaxModule, transpose_kernel: bool | None) -> dic
 
 
 def _same_collection(torch_side: str, flax_side: str) -> bool:
-    return torch_side == flax_side or (torch_side == "buffers" and flax_side != "params") \
+    return torch_side == flax_side or flax_side == "?" or (torch_side == "buffers" and flax_side != "params") \
         or (torch_side == "batch_stats" and flax_side == "buffers")
 
 
@@ -348,7 +383,7 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
     read from the nnx modules).  Raises :class:`ConversionError` when a layer
     has no home, a Flax module no torch layer, or a match is ambiguous.
     """
-    modules, linen = flax_modules(like)
+    modules, flax_order, lost = flax_modules(like)
     explicit = dict(transpose_kernel or {})
     units = _units(model, layers)
     order = torch_order(model, example) if example is not None else {}
@@ -406,25 +441,30 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
         groups.setdefault(_signature(unit.leaves, unit.kind), ([], []))[0].append(i)
     for m in sorted(free_modules, key=lambda m: m.order):
         groups.setdefault(_signature(m.leaves, m.kind), ([], []))[1].append(m)
-    executed = bool(order) or linen
     ambiguous = []
     for signature, (torch_side, flax_side) in groups.items():
         if not torch_side or not flax_side:
             continue
         if len(torch_side) == len(flax_side) == 1:
             attempt(torch_side[0], units[torch_side[0]], flax_side[0], "shape")
-        elif len(torch_side) == len(flax_side) and executed:
-            how = "order + shape (" + ("torch's forward" if order else "torch's definition") + " vs " + \
-                  ("linen's call order)" if linen else "Flax's definition order)")
-            for i, m in zip(torch_side, flax_side):
-                attempt(i, units[i], m, how)
+        elif len(torch_side) == len(flax_side):
+            known, numbered = _order_known(flax_side, lost)
+            flax_how = ("indices" if flax_order != "linen" else "linen's call order") if numbered else \
+                {"linen": "linen's call order", "nnx": "Flax's definition order"}.get(flax_order, "")
+            # pairing in order needs the Flax order, and an order of calls on one side at least
+            if known and (order or flax_order == "linen" or numbered):
+                how = f"order + shape ({'torch forward' if order else 'torch definition'} vs {flax_how})"
+                for i, m in zip(torch_side, flax_side):
+                    attempt(i, units[i], m, how)
+            else:
+                ambiguous.append((torch_side, flax_side, "lost" if not known else "definition"))
         else:
-            ambiguous.append((torch_side, flax_side))
+            ambiguous.append((torch_side, flax_side, "count"))
     left_units = [units[i] for i in range(len(units)) if i not in placed]
     left_modules = [m for m in modules if m.path not in claimed]
     if ambiguous or left_units or left_modules:
-        in_doubt = {i for torch_side, _ in ambiguous for i in torch_side}  # named once, as candidates
-        unsure = {m.path for _, flax_side in ambiguous for m in flax_side}
+        in_doubt = {i for torch_side, _, _ in ambiguous for i in torch_side}  # named once, as candidates
+        unsure = {m.path for _, flax_side, _ in ambiguous for m in flax_side}
         raise ConversionError(_unmatched_message(
             [u for i, u in enumerate(units) if i not in placed and i not in in_doubt],
             [m for m in left_modules if m.path not in unsure], ambiguous, units))
@@ -446,14 +486,17 @@ def match_layers(model: torch.nn.Module, layers: Sequence[Layer], like, *, mappe
 
 def _unmatched_message(left_units: list[_Unit], left_modules: list[FlaxModule], ambiguous, units) -> str:
     lines = ["cannot match the torch model's layers to the Flax model:"]
-    for torch_side, flax_side in ambiguous:
+    reasons = {"count": "their numbers differ",
+               "definition": "only definition orders are known (pass example= a torch input, or a mapping)",
+               "lost": "the Flax order is lost (linen variables or an nnx.State come with sorted keys from a "
+                       "jax.tree map or jit: pass module.init's own output or the nnx.Module, or a mapping)"}
+    for torch_side, flax_side, reason in ambiguous:
         names = ", ".join(units[i].name for i in torch_side)
         paths = ", ".join(show(m.path) for m in flax_side)
         unit = units[torch_side[0]]
-        why = ("their numbers differ" if len(torch_side) != len(flax_side)
-               else "only definition orders are known (pass example= a torch input, or --mapping)")
+        why = reasons[reason]
         lines.append(f"  ambiguous: torch {names} ({unit.kind}: {_describe(unit.leaves)}) and Flax {paths} "
-                     f"have the same shapes, {why}: candidates {names} -> {paths}")
+                     f"have the same shapes; {why}")
     if left_units:
         lines.append("  torch entries without a Flax home: " + "; ".join(
             f"{u.name or '(root)'} ({u.kind}: {_describe(u.leaves)})" for u in left_units))
@@ -520,7 +563,7 @@ def match(model: torch.nn.Module, like, *, rename: Mapping[str, Path | str] | No
     renamed = {layer.torch_name for layer in base
                if any(k == "" or layer.torch_name == k or layer.torch_name.startswith(f"{k}.") for k in keys)}
     # a persistent=False buffer the port does not hold (a mask it computes) is not part of the match
-    modules, _ = flax_modules(like)
+    modules, _, _ = flax_modules(like)
     held = {str((*m.path, *leaf)[-1]) for m in modules for leaf in m.leaves}
     base = [layer for layer in base if layer.persistent or layer.torch_name.rpartition(".")[2] in held]
     result = match_layers(model, base, like, mapped=sorted(renamed), example=example, transpose_kernel=explicit)

@@ -70,7 +70,7 @@ def test_linen_automatic_names_by_shape_and_call_order(capsys):
     torch_model, variables = nm.SmallResNet(), nm.linen_small_resnet_variables()
     layers = convert.layers_of(torch_model, like=variables)
     table = capsys.readouterr().out  # placed by structure: the table is printed for review
-    assert "a_bn" in table and "BatchNorm_1" in table and "order + shape" in table
+    assert "a_bn" in table and "BatchNorm_1" in table and "order + shape (torch definition vs linen's" in table
     got = {l.torch_name: l.flax_path for l in layers}
     assert got == {"stem": ("Conv_0",), "stem_bn": ("BatchNorm_0",), "a": ("Conv_1",), "a_bn": ("BatchNorm_1",),
                    "b": ("Conv_2",), "b_bn": ("BatchNorm_2",), "up": ("Conv_3",), "up_bn": ("BatchNorm_3",),
@@ -78,6 +78,28 @@ def test_linen_automatic_names_by_shape_and_call_order(capsys):
     converted = convert.torch_to_linen(torch_model.state_dict(), layers, variables)
     back = convert.linen_to_torch(converted, layers, reference=torch_model.state_dict())
     assert all(torch.equal(back[k], v) for k, v in torch_model.state_dict().items())
+
+
+@pytest.mark.slow  # initializing a ResNet-18 compiles it: ~15 s
+def test_torchvision_resnet18_names_into_flaxmodels_linen_resnet18():
+    pytest.importorskip("flaxmodels")  # optional: only this test uses it
+    torch_model = nm.TorchvisionResNet18()
+    variables = nm.flaxmodels_resnet18_variables()
+    layers = convert.layers_of(torch_model, like=variables, show_table=False)
+    got = {l.torch_name: l.flax_path for l in layers}
+    assert (got["bn1"], got["layer1.1.bn2"]) == (("BatchNorm_0",), ("BasicBlock_1", "BatchNorm_1"))
+    assert got["layer3.0.downsample.1"] == ("BasicBlock_4", "BatchNorm_2")
+    converted = convert.torch_to_linen(torch_model.state_dict(), layers, variables)
+    back = convert.linen_to_torch(converted, layers, reference=torch_model.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in torch_model.state_dict().items())
+
+
+def test_sorted_linen_variables_lose_the_call_order_across_families():
+    pytest.importorskip("flaxmodels")
+    # BatchNorm_0 (the stem) and BasicBlock_0/BatchNorm_0 hold the same shapes; sorted, which ran first is unknown
+    with pytest.raises(ConversionError, match=r"ambiguous: torch bn1, layer1.0.bn1, .* BatchNorm_0 have the same "
+                                              r"shapes; the Flax order is lost"):
+        convert.layers_of(nm.TorchvisionResNet18(), like=nm.flaxmodels_resnet18_variables(init=False))
 
 
 def test_a_non_persistent_buffer_converts_both_ways():
@@ -111,11 +133,12 @@ def test_conv_transpose_kernel_convention_is_read_from_the_port():
 def test_same_shaped_layers_without_an_execution_order_are_refused_naming_the_candidates(capsys):
     torch_model, flax_model = nm.TwoSame(), nm.NnxTwoSame()
     with pytest.raises(ConversionError, match=r"ambiguous: torch second, first \(linear: kernel \(8, 8\), "
-                                              r"bias \(8,\)\) and Flax dense_a, dense_b"):
+                                              r"bias \(8,\)\) and Flax dense_a, dense_b have the same shapes; only "
+                                              r"definition orders are known"):
         convert.layers_of(torch_model, like=flax_model)
     # torch's forward order (first, then second) settles it; the table says so
     layers = convert.layers_of(torch_model, like=flax_model, example=torch.zeros(1, 8))
-    assert "order + shape (torch's forward" in capsys.readouterr().out
+    assert "order + shape (torch forward vs Flax's definition order)" in capsys.readouterr().out
     assert {l.torch_name: l.flax_path for l in layers} == {"first": ("dense_a",), "second": ("dense_b",),
                                                            "out": ("logits",)}
     round_trip(torch_model, flax_model, layers)
