@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,9 @@ class Layer:
     the torch keys the module has (empty: every key of its kind, bias optional)
     and ``tied`` pairs a key with the torch key of the tensor it shares
     (an output projection tied to the embedding has no Flax leaf of its own).
+    A ``buffer`` registered with ``persistent=False`` is in no ``state_dict``:
+    ``persistent`` says so, and ``value`` reads it from the module's buffers
+    (it converts to Flax when the port holds it, and never back into a ``state_dict``).
     """
 
     torch_name: str
@@ -37,6 +40,8 @@ class Layer:
     num_heads: int | None = None
     keys: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
+    persistent: bool = True
+    value: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,6 +63,7 @@ KINDS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
     "conv_transpose": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
     "linear": {"weight": ("params", "kernel"), "bias": ("params", "bias")},
+    "linear_in_out": {"weight": ("params", "kernel"), "bias": ("params", "bias")},  # HF Conv1D: (in, out) already
     "batchnorm": {"weight": ("params", "scale"), "bias": ("params", "bias"),
                   "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var"),
                   "num_batches_tracked": ("batch_stats", "num_batches_tracked")},
@@ -82,6 +88,43 @@ OPTIONAL = {"bias", "in_proj_bias", "out_proj.bias", "num_batches_tracked"}
 FLAX_OPTIONAL = {"num_batches_tracked"}
 
 
+@dataclass(frozen=True)
+class Entry:
+    torch_key: str
+    layer: Layer
+    key: str  # within the layer ("weight", "in_proj_weight"; "" for a bare parameter or buffer)
+    flax_keys: tuple[Path, ...]  # (collection, *path, leaf), one per Flax leaf
+    optional: bool  # may be missing on the torch side
+    flax_optional: bool  # may be missing on the Flax side
+
+    @property
+    def param(self) -> bool:
+        return self.flax_keys[0][0] == "params"
+
+
+def layer_entries(layers: Iterable[Layer]) -> list[Entry]:
+    """Every convertible array of the table (tied keys excluded: they have no leaf of their own)."""
+    out = []
+    for layer in layers:
+        table = KINDS[layer.kind]
+        if layer.kind in ("lstm", "gru"):
+            table = {key: ("params", key) for key in layer.keys}
+        tied = dict(layer.tied)
+        for key, (collection, leaf) in table.items():
+            if key in tied or (layer.keys and key not in layer.keys):
+                continue
+            leaves = [()] if leaf is None else [tuple(leaf.split("/"))] if isinstance(leaf, str) else list(leaf)
+            out.append(Entry(f"{layer.torch_name}.{key}" if key else layer.torch_name, layer, key,
+                              tuple((collection, *layer.flax_path, *part) for part in leaves),
+                              optional=(key in OPTIONAL and not layer.keys) or not layer.persistent,
+                              flax_optional=key in FLAX_OPTIONAL or not layer.persistent))
+    return out
+
+
+def tied_keys(layers: Iterable[Layer]) -> list[tuple[str, str]]:
+    return [(f"{layer.torch_name}.{key}", source) for layer in layers for key, source in layer.tied]
+
+
 _MODULE_KINDS = (
     ((torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d), "conv"),
     ((torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d), "conv_transpose"),
@@ -97,9 +140,30 @@ _MODULE_KINDS = (
 )
 
 
+def module_kind(module: torch.nn.Module) -> str | None:
+    """The kind of a torch module the converter knows (None: a module of the model's own)."""
+    if _is_hf_conv1d(module):
+        return "linear_in_out"
+    return next((k for types, k in _MODULE_KINDS if isinstance(module, types)), None)
+
+
 def default_flax_path(torch_name: str) -> Path:
     # nnx keeps list/Sequential children under integer keys, as torch's "0", "1".
-    return tuple(int(part) if part.isdigit() else part for part in torch_name.split("."))
+    return tuple(int(part) if part.isdigit() else part for part in torch_name.split(".") if part != "")
+
+
+def parse_path(path: Path | str) -> Path:
+    """``"layers/0"`` -> ``("layers", 0)``: a string path splits at ``/``, and its digits are list indices."""
+    if isinstance(path, str):
+        return tuple(int(p) if p.isdigit() else p for p in path.split("/") if p != "")
+    return tuple(path)
+
+
+def _is_hf_conv1d(module: torch.nn.Module) -> bool:
+    """HF's ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out), ``x @ weight + bias``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.ndim == 2
+            and weight.shape[1] == getattr(module, "nf", None))
 
 
 def _refusal(name: str, module: torch.nn.Module, kind: str) -> str | None:
@@ -118,14 +182,15 @@ def _refusal(name: str, module: torch.nn.Module, kind: str) -> str | None:
     return None
 
 
-def layers_of(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None = None,
-              flatten_from: Mapping[str, Sequence[int]] | None = None,
-              transpose_kernel: bool | Mapping[str, bool] = False) -> list[Layer]:
-    """The layer table of a torch model, read from its modules.
+def read_layers(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None = None,
+                flatten_from: Mapping[str, Sequence[int]] | None = None,
+                transpose_kernel: bool | Mapping[str, bool] = False) -> list[Layer]:
+    """The layer table of a torch model, read from its modules alone (``convert.layers_of`` also reads the port).
 
     By default a module's Flax path is its torch name split at dots (what an
-    nnx port with the same attribute names has); ``rename`` maps torch names
-    to other paths (``"fc1" -> "Dense_0"`` for linen's automatic names).
+    nnx port with the same attribute names has); ``rename`` maps torch names,
+    or prefixes of them, to other paths (``"fc1" -> "Dense_0"``, ``"transformer" -> ""``,
+    ``"downsample" -> "downsample/layers"``; a string path splits at ``/``, digits are indices).
     ``transpose_kernel`` (one bool, or by torch name) is the convention of the
     port's ``ConvTranspose`` layers.  Bare ``nn.Parameter`` and persistent
     buffers of any module become ``param``/``buffer`` layers at their own
@@ -135,7 +200,8 @@ def layers_of(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None
     kind not in the table, or a known kind in a configuration the converter
     cannot reproduce, raises.
     """
-    rename = dict(rename or {})
+    rename = {k.rstrip("."): v for k, v in (rename or {}).items()}
+    used: set[str] = set()
     flatten_from = {k: tuple(v) for k, v in (flatten_from or {}).items()}
     kernels = dict(transpose_kernel) if isinstance(transpose_kernel, Mapping) else {}
     first_name: dict[int, str] = {}  # id(tensor) -> the first torch name holding it
@@ -145,17 +211,22 @@ def layers_of(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None
     covered: set[str] = set()  # module names whose whole subtree one layer converts
 
     def path_of(name: str) -> Path:
-        path = rename.pop(name, None)
-        return default_flax_path(name) if path is None else (tuple(path.split("/")) if isinstance(path, str)
-                                                              else tuple(path))
+        # the longest renamed prefix (a whole name, or a module above it) wins
+        parts = name.split(".")
+        for cut in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in rename:
+                used.add(prefix)
+                return (*parse_path(rename[prefix]), *default_flax_path(".".join(parts[cut:])))
+        return default_flax_path(name)
 
     for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(f"{c}.") for c in covered):
             continue
         prefix = f"{name}." if name else ""
         own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
-        buffers = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
-        kind = next((k for types, k in _MODULE_KINDS if isinstance(module, types)), None)
+        buffers = dict(module.named_buffers(recurse=False))
+        kind = module_kind(module)
         if kind is not None:
             why = _refusal(name, module, kind)
             if why:
@@ -171,7 +242,8 @@ def layers_of(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None
                                 num_heads=module.num_heads if kind == "mha" else None,
                                 keys=tuple(k for k in state if state[k] is not None), tied=tied))
             continue
-        if (own or buffers) and type(module).__module__.startswith("torch."):
+        persistent = {n for n in buffers if n not in module._non_persistent_buffers_set}
+        if (own or persistent) and type(module).__module__.startswith("torch."):
             raise ConversionError(f"module {name!r} ({type(module).__name__}) holds parameters {sorted(own)} or "
                                   f"buffers {sorted(buffers)} of a kind the converter does not know; pass your own "
                                   "Layer table")
@@ -182,8 +254,11 @@ def layers_of(model: torch.nn.Module, *, rename: Mapping[str, Path | str] | None
                                       "pass your own Layer table")
             layers.append(Layer(full, "param", path_of(full)))
         for key in buffers:
-            if buffers[key] is not None:
-                layers.append(Layer(f"{prefix}{key}", "buffer", path_of(f"{prefix}{key}")))
+            if buffers[key] is not None and (key in persistent or not type(module).__module__.startswith("torch.")):
+                layers.append(Layer(f"{prefix}{key}", "buffer", path_of(f"{prefix}{key}"), persistent=key in persistent,
+                                    value=None if key in persistent else
+                                    (lambda module=module, key=key: module.get_buffer(key))))
+    rename = {k: v for k, v in rename.items() if k not in used}
     for unused, what in ((rename, "rename"), (flatten_from, "flatten_from"), (kernels, "transpose_kernel")):
         if unused:
             raise ConversionError(f"{what} names modules the model does not have: {sorted(unused)}")
@@ -256,7 +331,8 @@ def expected_torch_shape(layer: Layer, key: str, shape: tuple[int, ...]) -> None
                               "(3 * embed_dim, embed_dim) projection")
     if key != "weight":
         return
-    ndim = {"conv": (3, 4, 5), "conv_transpose": (3, 4, 5), "linear": (2,), "embedding": (2,)}.get(layer.kind)
+    ndim = {"conv": (3, 4, 5), "conv_transpose": (3, 4, 5), "linear": (2,), "linear_in_out": (2,),
+            "embedding": (2,)}.get(layer.kind)
     bad = ndim is not None and len(shape) not in ndim
     if not bad and layer.flatten_from is not None:
         bad = shape[1] != int(np.prod(layer.flatten_from))

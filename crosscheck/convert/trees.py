@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Path = tuple[str | int, ...]
@@ -28,3 +29,8 @@ def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
 
 def show(key) -> str:
     return "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
+def closest(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+    """The ``n`` candidates most like ``name`` (difflib's ratio, torch's ``.`` read as ``/``)."""
+    return difflib.get_close_matches(name.replace(".", "/"), list(candidates), n=n, cutoff=0.3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,57 +17,44 @@ import torch
 
 from crosscheck.common.dtypes import DTYPES, to_torch
 from crosscheck.common.metrics import as_numpy
-from crosscheck.convert.layers import (FLAX_OPTIONAL, KINDS, OPTIONAL,
-                                       ConversionError, Layer, array_to_flax,
-                                       array_to_torch, expected_torch_shape)
-from crosscheck.convert.trees import Path, flatten, nest, show
+from crosscheck.convert.layers import (ConversionError, Layer, array_to_flax, array_to_torch,
+                                       expected_torch_shape, layer_entries, tied_keys)
+from crosscheck.convert.trees import Path, closest, flatten, nest, show
 
 # Layout transforms, torch -> Flax and back.  Pure permutations: exact.
 
 
-@dataclass(frozen=True)
-class _Entry:
-    torch_key: str
-    layer: Layer
-    key: str  # within the layer ("weight", "in_proj_weight"; "" for a bare parameter or buffer)
-    flax_keys: tuple[Path, ...]  # (collection, *path, leaf), one per Flax leaf
-    optional: bool  # may be missing on the torch side
-    flax_optional: bool  # may be missing on the Flax side
+def check_keys(have: Iterable, want: Iterable, what: str, *, origin: Mapping | None = None,
+               extra_why: str = "no layer in the table converts it") -> None:
+    """Refuse a missing or an extra key, listing both sides' leftovers and, for each extra one, the closest missing.
 
-    @property
-    def param(self) -> bool:
-        return self.flax_keys[0][0] == "params"
-
-
-def layer_entries(layers: Iterable[Layer]) -> list[_Entry]:
-    """Every convertible array of the table (tied keys excluded: they have no leaf of their own)."""
-    out = []
-    for layer in layers:
-        table = KINDS[layer.kind]
-        if layer.kind in ("lstm", "gru"):
-            table = {key: ("params", key) for key in layer.keys}
-        tied = dict(layer.tied)
-        for key, (collection, leaf) in table.items():
-            if key in tied or (layer.keys and key not in layer.keys):
-                continue
-            leaves = [()] if leaf is None else [tuple(leaf.split("/"))] if isinstance(leaf, str) else list(leaf)
-            out.append(_Entry(f"{layer.torch_name}.{key}" if key else layer.torch_name, layer, key,
-                              tuple((collection, *layer.flax_path, *part) for part in leaves),
-                              optional=key in OPTIONAL and not layer.keys, flax_optional=key in FLAX_OPTIONAL))
-    return out
-
-
-def tied_keys(layers: Iterable[Layer]) -> list[tuple[str, str]]:
-    return [(f"{layer.torch_name}.{key}", source) for layer in layers for key, source in layer.tied]
-
-
-def check_keys(have: Iterable, want: Iterable, what: str) -> None:
+    ``have``/``want`` may be mappings to arrays (their shapes are shown and
+    compared); ``origin`` names where an extra key came from (its torch entry).
+    """
+    shapes = {k: tuple(np.shape(v)) for side in (have, want) if isinstance(side, Mapping) for k, v in side.items()}
     have, want = set(have), set(want)
-    fmt = lambda keys: ", ".join(sorted(map(show, keys)))  # noqa: E731
-    if want - have:
-        raise ConversionError(f"{what}: missing {fmt(want - have)}")
-    if have - want:
-        raise ConversionError(f"{what}: extra {fmt(have - want)} (no layer in the table converts it)")
+    missing, extra = want - have, have - want
+    if not (missing or extra):
+        return
+    origin = origin or {}
+    item = lambda k: (f"{origin[k]} -> " if k in origin else "") + show(k) + (  # noqa: E731
+        f" {shapes[k]}" if k in shapes else "")
+    def fmt(keys) -> str:
+        items = sorted(map(item, keys))
+        return ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+    parts = ([f"missing {fmt(missing)}"] if missing else []) + ([f"extra {fmt(extra)} ({extra_why})"] if extra else [])
+    lines = [f"{what}: " + "; ".join(parts)]
+    for key in sorted(extra, key=show)[:6]:
+        same = sorted(show(k) for k in missing if shapes.get(k) is not None and shapes.get(k) == shapes.get(key))
+        near = closest(show(key), [show(k) for k in missing])
+        candidates = [*[s for s in near if s in same], *[s for s in same if s not in near], *[s for s in near if s not in same]]
+        if candidates:
+            lines.append(f"  closest to {item(key)}: " + ", ".join(
+                s + (" (same shape)" if s in same else "") for s in candidates[:3]))
+    if missing and extra:
+        lines.append("  layers_of(torch_model, like=flax_model) places layers by name conventions, shape and order; "
+                     "or pass rename= (torch name or prefix -> Flax path)")
+    raise ConversionError("\n".join(lines))
 
 
 def check_shapes(converted: Mapping, template: Mapping, what: str) -> None:
@@ -115,12 +101,27 @@ def _jax_dtype_kept(flat: Mapping[Path, np.ndarray], what: str, allow_dtype_chan
 
 # ---------------------------------------------------------------- weights
 
-def torch_to_flat(state_dict: Mapping[str, Any], layers: Sequence[Layer]) -> dict[Path, np.ndarray]:
+def state_of(source) -> Mapping[str, Any]:
+    """A torch ``state_dict``, or a module's (with its ``persistent=False`` buffers, which ``state_dict()`` leaves out)."""
+    if isinstance(source, torch.nn.Module):
+        state = dict(source.state_dict())
+        state.update((name, b) for name, b in source.named_buffers() if name not in state)
+        return state
+    return source
+
+
+def torch_to_flat(state_dict: Mapping[str, Any], layers: Sequence[Layer],
+                  origin: dict | None = None) -> dict[Path, np.ndarray]:
+    """The Flax leaves (collection, *path) of a torch state; ``origin`` gets each leaf's torch key."""
+    state_dict = state_of(state_dict)
     entries = layer_entries(layers)
     ties = tied_keys(layers)
     required = {e.torch_key for e in entries if not e.optional}
     optional = {e.torch_key for e in entries if e.optional and e.torch_key in state_dict}
-    check_keys(set(state_dict) - {alias for alias, _ in ties}, required | optional, "torch state_dict")
+    # a persistent=False buffer is in no state_dict: it is read from its module, and may be left out
+    ignored = {e.torch_key for e in entries if not e.layer.persistent}
+    check_keys(set(state_dict) - {alias for alias, _ in ties} - (ignored - optional), required | optional,
+               "torch state_dict")
     for alias, source in ties:
         if alias in state_dict and not torch.equal(torch.as_tensor(state_dict[alias]),
                                                    torch.as_tensor(state_dict[source])):
@@ -128,8 +129,13 @@ def torch_to_flat(state_dict: Mapping[str, Any], layers: Sequence[Layer]) -> dic
                                   "values")
     flat = {}
     for e in entries:
-        if e.torch_key in state_dict:
-            flat.update(zip(e.flax_keys, _to_flax(e.layer, e.key, state_dict[e.torch_key])))
+        value = state_dict[e.torch_key] if e.torch_key in state_dict else \
+            e.layer.value() if e.layer.value is not None else None
+        if value is None and e.torch_key not in state_dict:
+            continue
+        flat.update(zip(e.flax_keys, _to_flax(e.layer, e.key, value)))
+        if origin is not None:
+            origin.update((key, e.torch_key) for key in e.flax_keys)
     return flat
 
 
@@ -153,6 +159,8 @@ def _flat_to_torch(flat: Mapping[Path, Any], layers: Sequence[Layer],
     check_keys(flat, needed, "Flax variables")
     state_dict: OrderedDict[str, torch.Tensor] = OrderedDict()
     for e in entries:
+        if not e.layer.persistent:
+            continue  # not in a torch state_dict: the module keeps its own
         if all(k in flat for k in e.flax_keys):
             arrays = [np.asarray(flat[k]) for k in e.flax_keys]
             state_dict[e.torch_key] = (torch.tensor(int(arrays[0]), dtype=torch.long) if _is_counter(e.torch_key)
@@ -180,15 +188,17 @@ def torch_to_linen(state_dict: Mapping[str, Any], layers: Sequence[Layer], templ
     dtype change (float64 into float32, int64 into int32) raises unless
     ``allow_dtype_change``.
     """
-    flat = torch_to_flat(state_dict, layers)
+    origin: dict = {}
+    flat = torch_to_flat(state_dict, layers, origin)
+    optional = _optional_leaves(layers)
     if template is not None:
         template_flat = flatten(template)
-        flat = {k: x for k, x in flat.items() if k in template_flat or not _is_counter(k)}
-        check_keys(flat, template_flat, "Flax variables")
+        flat = {k: x for k, x in flat.items() if k in template_flat or not (_is_counter(k) or k in optional)}
+        check_keys(flat, template_flat, "Flax variables", origin=origin, extra_why="the Flax model has no such leaf")
         check_shapes(flat, template_flat, "Flax variables")
         check_dtypes(flat, template_flat, "Flax variables", allow_dtype_change)
         return nest({k: jnp.asarray(x, dtype=template_flat[k].dtype) for k, x in flat.items()})
-    flat = {k: x for k, x in flat.items() if not _is_counter(k)}
+    flat = {k: x for k, x in flat.items() if not (_is_counter(k) or k in optional)}
     _jax_dtype_kept(flat, "Flax variables", allow_dtype_change)
     return nest({k: jnp.asarray(x) for k, x in flat.items()})
 
@@ -202,6 +212,11 @@ def linen_to_torch(variables: Mapping, layers: Sequence[Layer],
     checks every key, shape and dtype, and supplies ``num_batches_tracked``.
     """
     return _flat_to_torch(flatten(variables), layers, reference, allow_dtype_change)
+
+
+def _optional_leaves(layers: Sequence[Layer]) -> set[Path]:
+    """Flax leaves a port may lack: persistent=False buffers (a mask the port computes) and counters."""
+    return {k for e in layer_entries(layers) if not e.layer.persistent for k in e.flax_keys}
 
 
 def _nnx_state(model):
@@ -227,6 +242,7 @@ def _check_modules(layers: Sequence[Layer], model) -> None:
     from crosscheck.convert import flax_layers
     expected = {
         "conv": (nnx.Conv,), "conv_transpose": (nnx.ConvTranspose,), "linear": (nnx.Linear,),
+        "linear_in_out": (nnx.Linear,),
         "batchnorm": (nnx.BatchNorm, flax_layers.BatchNorm), "layernorm": (nnx.LayerNorm,),
         "groupnorm": (nnx.GroupNorm,), "rmsnorm": (nnx.RMSNorm,), "embedding": (nnx.Embed,),
         "mha": (nnx.MultiHeadAttention,), "lstm": (flax_layers.LSTM,), "gru": (flax_layers.GRU,),
@@ -249,7 +265,8 @@ def _check_modules(layers: Sequence[Layer], model) -> None:
                 and bool(module.transpose_kernel) != layer.transpose_kernel:
             raise ConversionError(f"layer {layer.torch_name!r}: the Flax ConvTranspose at {show(layer.flax_path)} "
                                   f"has transpose_kernel={module.transpose_kernel}, the table "
-                                  f"{layer.transpose_kernel} (layers_of(..., transpose_kernel=...))")
+                                  f"{layer.transpose_kernel} (layers_of(torch_model, like=flax_model) reads it from "
+                                  "the Flax model)")
 
 
 def torch_to_nnx(state_dict: Mapping[str, Any], layers: Sequence[Layer], model, *,
@@ -266,11 +283,14 @@ def torch_to_nnx(state_dict: Mapping[str, Any], layers: Sequence[Layer], model, 
 
     if isinstance(model, nnx.Module):
         _check_modules(layers, model)
-    flat = {key[1:]: x for key, x in torch_to_flat(state_dict, layers).items()}
+    origin: dict = {}
+    flat = {key[1:]: x for key, x in torch_to_flat(state_dict, layers, origin).items()}
+    origin = {key[1:]: name for key, name in origin.items()}
+    optional = {key[1:] for key in _optional_leaves(layers)}
     state = _nnx_state(model)
     template = flatten(nnx.to_pure_dict(state))
-    flat = {k: x for k, x in flat.items() if k in template or not _is_counter(k)}
-    check_keys(flat, template, "nnx state")
+    flat = {k: x for k, x in flat.items() if k in template or not (_is_counter(k) or k in optional)}
+    check_keys(flat, template, "nnx state", origin=origin, extra_why="the Flax model has no such leaf")
     check_shapes(flat, template, "nnx state")
     check_dtypes(flat, template, "nnx state", allow_dtype_change)
     nnx.replace_by_pure_dict(state, nest({k: jnp.asarray(x, dtype=template[k].dtype) for k, x in flat.items()}))
@@ -307,7 +327,7 @@ def params_to_flax_flat(named: Mapping[str, Any], layers: Sequence[Layer]) -> di
     return flat
 
 
-def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
+def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None, *, labels=None):
     """For ``jax_impl.adamw(torch_layout=...)``: each Flax param element's flat index in its torch tensor.
 
     torch's fused CPU kernel rounds the last ``numel % 8`` elements of each
@@ -318,6 +338,12 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     ``nnx.Optimizer`` and ``jax_impl.ExactOptimizer`` need.  Only trainable
     torch parameters are listed (torch's optimizer never sees frozen ones);
     with ``like``, the params must match its ``nnx.Param`` leaves.
+
+    Inside ``optax.multi_transform`` each inner transform sees the params with
+    ``optax.MaskedNode()`` where another label's leaves are: pass the same
+    ``labels`` (the label tree, or the callable of params) and get one layout
+    per label, masked alike (``{"adamw": ..., "sgd": ...}``) for
+    ``jax_impl.adamw(torch_layout=layouts[label])``.
     """
     named = {name: np.arange(p.numel()).reshape(p.shape) for name, p in model.named_parameters() if p.requires_grad}
     # A packed torch tensor (MultiheadAttention's in_proj_weight) splits into q/k/v leaves: each leaf gets
@@ -326,7 +352,7 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     rank = lambda x: np.argsort(np.argsort(x.ravel(), kind="stable"), kind="stable").reshape(x.shape)  # noqa: E731
     tree = nest({path: rank(x) for path, x in params_to_flax_flat(named, layers).items()})
     if like is None:
-        return tree
+        return tree if labels is None else _by_label(tree, labels)
     from flax import nnx
 
     state = nnx.clone(nnx.state(like, nnx.Param) if isinstance(like, nnx.Module) else like)
@@ -335,7 +361,21 @@ def torch_layout(model: torch.nn.Module, layers: Sequence[Layer], like=None):
     check_keys(flat, template, "torch_layout")
     check_shapes(flat, template, "torch_layout")
     nnx.replace_by_pure_dict(state, nest(flat))
-    return state
+    return state if labels is None else _by_label(state, labels)
+
+
+def _by_label(layout, labels) -> dict:
+    """One layout per label of ``optax.multi_transform``, ``optax.MaskedNode()`` at the other labels' leaves."""
+    import jax
+    import optax
+
+    tree = labels(layout) if callable(labels) else labels
+    try:
+        names = jax.tree.leaves(jax.tree.map(lambda _, label: label, layout, tree))
+    except ValueError as err:
+        raise ConversionError(f"torch_layout: labels do not have the params' tree structure: {err}") from None
+    return {name: jax.tree.map(lambda x, label, name=name: x if label == name else optax.MaskedNode(), layout, tree)
+            for name in dict.fromkeys(names)}
 
 
 def params_to_torch(tree, layers: Sequence[Layer], names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -4,8 +4,13 @@
     python -m crosscheck port --torch mypkg.models:Net --flax mypkg.port:NnxNet \\
         --input-shape 8,3,32,32 --classes 10 --flatten-from fc1=64,8,8
     python -m crosscheck port --torch ... --flax ... --batch batch.npz   # arrays "inputs" and "labels"
+    python -m crosscheck port --torch ... --flax ... --input-shape 8,3 --print-mapping   # the table only
+    python -m crosscheck port --torch ... --flax ... --input-shape 8,3 --mapping names.json
 
-It converts the torch weights into the Flax model, runs
+It places every torch layer in the Flax model (``convert.match``: a
+``--mapping`` file, names under the common conventions, then shape and
+execution order; the table is printed when a layer was placed by structure,
+and ``--print-mapping`` prints it and stops), converts the torch weights into the Flax model, runs
 :func:`crosscheck.locate_divergence` on one batch (report.md, report.json,
 errors.png: every module's output error against its rounding band), then
 ``assert_trajectories_match`` over ``--steps`` steps, and, with ``--resume``,
@@ -40,8 +45,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", help=".npz with arrays 'inputs' and 'labels' (torch layout)")
     p.add_argument("--flatten-from", action="append", default=[], metavar="NAME=C,H,W",
                    help="layers_of flatten_from for a Linear after a channels-first flatten (repeatable)")
-    p.add_argument("--transpose-kernel", action="store_true",
-                   help="the port's ConvTranspose layers use transpose_kernel=True")
+    p.add_argument("--transpose-kernel", action="store_true", default=None,
+                   help="the port's ConvTranspose layers use transpose_kernel=True (default: read from the nnx model)")
+    p.add_argument("--mapping", metavar="FILE.json",
+                   help='JSON object: torch name or prefix -> Flax path ("transformer": "", "fc1": "Dense_0", '
+                        '"downsample": "downsample/layers"); the rest is matched by name, shape and order')
+    p.add_argument("--print-mapping", action="store_true",
+                   help="print the proposed table (torch name -> Flax path, kind, how it was matched) and stop")
     p.add_argument("--steps", type=non_negative_int, default=10, help="steps of assert_trajectories_match (0: locate only)")
     p.add_argument("--resume", type=non_negative_int, default=0, metavar="K", help="also check a torch->JAX resume after K steps")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -58,11 +68,29 @@ def _factory(spec: str, what: str):
         raise ValueError(f"{what}={spec!r}: {err}") from None
 
 
+def read_mapping(path: str) -> dict[str, str]:
+    """A ``--mapping`` file: a JSON object of torch names or prefixes to Flax paths (``"a/0/b"`` or a list)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--mapping={path!r}: {err}") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"--mapping={path!r}: expected a JSON object of torch name -> Flax path, "
+                         f"got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, (str, int)) for v in value))
+        if not ok:
+            raise ValueError(f"--mapping={path!r}: {key!r} -> {value!r}: a Flax path is a string ('a/0/b') or a list")
+    return {key: value if isinstance(value, str) else tuple(value) for key, value in mapping.items()}
+
+
 def _setup(args):
-    """(torch model, flax model, layers, batch maker) from the arguments; ValueError on bad usage."""
+    """(torch model, flax model, layers_of options, batch maker) from the arguments; ValueError on bad usage."""
     import torch
 
-    from crosscheck import convert
     from crosscheck.port import examples as port_examples
     flatten = {}
     for item in args.flatten_from:
@@ -71,6 +99,7 @@ def _setup(args):
             flatten[name] = tuple(int(v) for v in shape.split(","))
         except ValueError:
             raise ValueError(f"--flatten-from={item!r}: expected NAME=C,H,W") from None
+    mapping = read_mapping(args.mapping) if getattr(args, "mapping", None) else {}
     if args.example:
         if args.example not in port_examples.EXAMPLES:
             raise ValueError(f"--example={args.example!r}: choose from {sorted(port_examples.EXAMPLES)}")
@@ -78,20 +107,22 @@ def _setup(args):
         torch_model, flax_model = example.pair(args.seed)
         options = dict(example.layers_options)
         options.setdefault("flatten_from", {}).update(flatten)
-        return torch_model, flax_model, convert.layers_of(torch_model, **options), example.batch
+        if mapping:
+            options["rename"] = {**options.get("rename", {}), **mapping}
+        return torch_model, flax_model, options, example.batch
     if not (args.torch_factory and args.flax_factory):
         raise ValueError("give --example, or both --torch and --flax")
     torch.manual_seed(args.seed)
     torch_model = _factory(args.torch_factory, "--torch")()
     flax_model = _factory(args.flax_factory, "--flax")()
-    layers = convert.layers_of(torch_model, flatten_from=flatten, transpose_kernel=args.transpose_kernel)
+    options = {"flatten_from": flatten, "transpose_kernel": args.transpose_kernel, "rename": mapping}
     if args.batch:
         try:
             data = np.load(args.batch)
             inputs, labels = data["inputs"], data["labels"]
         except (OSError, KeyError, ValueError) as err:
             raise ValueError(f"--batch={args.batch!r}: {err}") from None
-        return torch_model, flax_model, layers, lambda seed=0: (inputs, labels)
+        return torch_model, flax_model, options, lambda seed=0: (inputs, labels)
     if not args.input_shape:
         raise ValueError("give --input-shape or --batch")
     try:
@@ -109,7 +140,20 @@ def _setup(args):
         # labels shaped for the default loss: (N,), (N, *spatial) per position, (B, T) per token
         label_shape = tuple(out.shape[:-1]) if out.ndim > 2 and args.tokens else (out.shape[0], *out.shape[2:])
         return inputs, rng.integers(0, args.classes, label_shape)
-    return torch_model, flax_model, layers, make
+    return torch_model, flax_model, options, make
+
+
+def place_layers(torch_model, flax_model, options: dict, batch, seed: int, print_table: bool):
+    """The layer table matched against the Flax model (torch's execution order from one batch); the table is
+    printed when asked, or when a layer was placed by structure rather than by name."""
+    import torch
+
+    from crosscheck import convert
+    example = torch.from_numpy(np.asarray(batch(seed)[0]))
+    matching = convert.match(torch_model, flax_model, example=example, show_table=False, **options)
+    if print_table or matching.structural:
+        print(matching)
+    return matching.layers
 
 
 def resume_check(torch_model, layers, batch, k: int) -> int:
@@ -176,11 +220,17 @@ def run(args) -> int:
         for name in ("steps", "resume", "seed"):  # argparse checks these; port.run(args) may be called directly
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
-        torch_model, flax_model, layers, batch = _setup(args)
+        torch_model, flax_model, options, batch = _setup(args)
     except ValueError as err:
         return _error(f"error: {err}")
     from crosscheck.convert import ConversionError
 
+    try:
+        layers = place_layers(torch_model, flax_model, options, batch, args.seed, args.print_mapping)
+    except ConversionError as err:
+        return _error(f"conversion refused: {err}")
+    if args.print_mapping:
+        return 0
     out = Path(args.out)
     summary: dict = {"steps": args.steps}
     try:
