@@ -159,7 +159,8 @@ def _jax_schedule(hyper: Hyper):
 class JaxRunner(Runner):
     """``jax_impl.adamw`` (exact step or ``optax.apply_updates``) or ``optax.adamw``, jitted and donated."""
 
-    def __init__(self, name, hyper, params, *, kind: str, rounding="auto", torch_path: str = "fused"):
+    def __init__(self, name, hyper, params, *, kind: str, rounding="auto", torch_path: str = "fused",
+                 kernel: str = "auto"):
         super().__init__(name, hyper)
         self.leaves = [to_jax(p, hyper.dtype) for p in params]
         mask = list(hyper.decay_mask) if hyper.decay_mask is not None else None
@@ -176,7 +177,8 @@ class JaxRunner(Runner):
         else:
             self.tx = jax_impl.adamw(_jax_schedule(hyper), hyper.b1, hyper.b2, hyper.eps, hyper.weight_decay,
                                      amsgrad=hyper.amsgrad, maximize=hyper.maximize, mask=mask,
-                                     decay_rounding=hyper.decay_rounding, rounding=rounding, torch_path=torch_path)
+                                     decay_rounding=hyper.decay_rounding, rounding=rounding, torch_path=torch_path,
+                                     kernel=kernel)
         self.state = self.tx.init(self.leaves)
         if kind == "exact":
             step = lambda g, p, s: jax_impl.apply_exact(self.tx, g, s, p)  # noqa: E731
