@@ -258,3 +258,10 @@ def test_ten_thousand_steps_bitwise(dtype):
     hyper = Hyper(dtype=dtype, amsgrad=True, decay_mask=OPTIONS["mask"]["decay_mask"],
                   eps=1e-4 if dtype == "float16" else 1e-8)
     assert not run("for-loop", hyper, steps=10_000, check_every=1000, exact_sqrt=dtype == "float32")
+
+
+@pytest.mark.slow  # about 50 s: three compiled steps per layout, in a subprocess of 8 devices
+def test_sharded_on_8_cpu_devices():
+    from helpers import run_on_8_cpu_devices
+
+    run_on_8_cpu_devices("torch_paths_sharded_checks.py")
