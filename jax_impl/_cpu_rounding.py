@@ -83,7 +83,9 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
     double ``pow`` instead of libm's (equal after rounding to float32 unless
     the two differ across a float32 rounding boundary).  On a backend without
     float64 (``wide=float32``) the arithmetic is float32 and rounds twice
-    (measured in ``tests/jax_impl_tests/test_optax_conventions.py``).
+    (measured in ``tests/jax_impl_tests/test_optax_conventions.py``).  On the
+    for-loop and foreach paths a traced b2's ``sqrt(1 - b2**t)`` is XLA's sqrt,
+    where torch takes libm's ``pow(x, 0.5)`` (they differ in ~0.05% of steps).
     """
     wide = jnp.dtype(wide or _scalar_arithmetic_dtype())
     scope = x64_scope() if wide == jnp.float64 else contextlib.nullcontext()
