@@ -36,7 +36,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 
 from jax_impl import cuda_rounding
-from jax_impl._cpu_rounding import validate_order
+from jax_impl._cpu_rounding import TORCH_PATHS, validate_order
 from jax_impl._dispatch import KERNELS, adamw_step, with_delta
 from jax_impl._state import (AdamWState, MaskOrFn, ScalarOrSchedule,
                              check_grads, check_params, check_state,
@@ -140,6 +140,7 @@ def adamw(
     mu_dtype: Any | None = None,
     nesterov: bool = False,
     rounding: str | cuda_rounding.CudaRounding = "auto",
+    torch_path: str = "fused",
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdamW with decoupled weight decay, following ``torch.optim.AdamW``.
 
@@ -213,6 +214,20 @@ def adamw(
         A ``jax_impl.CudaRounding`` picks nvcc's FMA contractions explicitly.
         ``nesterov`` and ``mu_dtype`` are optax's, with no CUDA-kernel twin:
         ``"auto"`` then takes the CPU rounding.
+      torch_path: which of torch's CPU paths to reproduce: ``"fused"``
+        (default, ``torch.optim.AdamW(fused=True)``), ``"for-loop"``
+        (``foreach=False``, torch's default on the CPU) or ``"foreach"``
+        (``foreach=True``).  The for-loop and foreach paths run one ATen op at a
+        time, each rounding to the param dtype (bfloat16/float16 after every
+        op); foreach differs from the for-loop only for bfloat16/float16, where
+        it rounds the decay factor and ``b2`` to the param dtype.  Bitwise for
+        bfloat16 and float16; for float32 and float64 every op but one is
+        bitwise: torch's CPU ``sqrt`` is MKL's, not correctly rounded (±1 ulp in
+        17% of float32 values), which this cannot reproduce (docs/exactness.md
+        measures the drift).  ``torch_layout`` and ``scalar_tail`` concern the
+        fused kernel's tail and are ignored by the other paths; ``nesterov``
+        needs ``"fused"``; with ``rounding="auto"`` the other paths take the CPU
+        rounding on every backend.
 
     Hyperparameters are real numbers (a complex number or a string is a
     ``TypeError``, as in torch) or one-element arrays, as ``optax.inject_hyperparams``
@@ -253,6 +268,14 @@ def adamw(
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
     cuda_rounding.check_rounding(rounding)
+    if torch_path not in TORCH_PATHS:
+        raise ValueError(f"Invalid torch_path: {torch_path!r} (choose from {TORCH_PATHS})")
+    if torch_path != "fused" and nesterov:
+        raise ValueError(f"adamw: nesterov is optax's, with no torch path; torch_path={torch_path!r} needs "
+                         "nesterov=False (or torch_path='fused')")
+    if torch_path != "fused" and not (isinstance(rounding, str) and rounding in ("auto", "torch-cpu")):
+        raise ValueError(f"adamw: torch_path={torch_path!r} reproduces torch's CPU ops; rounding={rounding!r} "
+                         "follows torch's fused CUDA kernel: use rounding='auto' or 'torch-cpu'")
     if torch_layout is not None:
         torch_layout = jax.tree.map(validate_order, torch_layout)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -261,7 +284,7 @@ def adamw(
     options = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                    mu_dtype=mu_dtype, nesterov=bool(nesterov), amsgrad=bool(amsgrad), maximize=bool(maximize),
                    mask=mask, decay_rounding=decay_rounding, torch_layout=torch_layout, scalar_tail=scalar_tail,
-                   kernel=kernel, rounding=rounding)
+                   kernel=kernel, rounding=rounding, torch_path=torch_path)
 
     def zeros_like(p, dtype=None):
         if isinstance(p, jax.ShapeDtypeStruct):  # as optax's init accepts it

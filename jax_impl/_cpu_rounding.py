@@ -1,15 +1,17 @@
-"""The rounding model of torch's fused CPU AdamW kernel, as XLA operations.
+"""The rounding models of torch's CPU AdamW paths, as XLA operations.
 
 The per-step scalars as torch computes them (in double, rounded once), the
-per-element formula of the kernel's vector body and of its scalar tail, and
+per-element formula of the fused kernel's vector body and of its scalar tail,
 which elements fall in the tail (torch's order, ``torch_layout``,
-``scalar_tail``).  :mod:`jax_impl._adamw`'s docstring says which XLA habits the
-formulas counter and how.
+``scalar_tail``), and the op-by-op formula of the for-loop and foreach paths
+(:func:`loop_leaf_step`).  :mod:`jax_impl._adamw`'s docstring says which XLA
+habits the formulas counter and how.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,6 +29,9 @@ from jax_impl.schedules import TorchSchedule
 # torch's fused CPU kernel runs 32-byte vectors (measured on AVX2 and AVX512
 # builds of torch 2.13); the remainder of each tensor takes the scalar path.
 TORCH_CPU_VECTOR_BYTES = 32
+
+# torch's CPU paths (``torch.optim.AdamW(fused=True)``, ``foreach=True``, the default for-loop).
+TORCH_PATHS = ("fused", "foreach", "for-loop")
 
 
 class StepScalars(NamedTuple):
@@ -65,7 +70,8 @@ def _scalar_arithmetic_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jax.default_backend() == "tpu" else jnp.dtype(jnp.float64)
 
 
-def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, wide=None) -> StepScalars:
+def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, wide=None,
+                         torch_path="fused") -> StepScalars:
     """The scalars of :func:`step_scalars` when a hyperparameter is traced (``optax.inject_hyperparams`` under jit).
 
     torch computes them in double from its Python floats and rounds once to
@@ -77,7 +83,9 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
     double ``pow`` instead of libm's (equal after rounding to float32 unless
     the two differ across a float32 rounding boundary).  On a backend without
     float64 (``wide=float32``) the arithmetic is float32 and rounds twice
-    (measured in ``tests/jax_impl_tests/test_optax_conventions.py``).
+    (measured in ``tests/jax_impl_tests/test_optax_conventions.py``).  On the
+    for-loop and foreach paths a traced b2's ``sqrt(1 - b2**t)`` is XLA's sqrt,
+    where torch takes libm's ``pow(x, 0.5)`` (they differ in ~0.05% of steps).
     """
     wide = jnp.dtype(wide or _scalar_arithmetic_dtype())
     scope = x64_scope() if wide == jnp.float64 else contextlib.nullcontext()
@@ -102,7 +110,12 @@ def _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, w
         lr_wd = lr * wd + neg_zero
         decay = 1 - lr_wd
         step_size_neg = -(lr / bias_correction(b1) + neg_zero)
-        bias_correction2_sqrt = jnp.sqrt(bias_correction(b2))
+        if torch_path != "fused" and not is_traced(b2):  # Python's bc2 ** 0.5, tabulated
+            table = bias_correction2_pow_half(b2)
+            bias_correction2_sqrt = table_lookup(table, bc.is_saturated(table), t, wide,
+                                                 lambda t: jnp.sqrt(1 - jnp.asarray(b2, wide) ** t_wide))
+        else:
+            bias_correction2_sqrt = jnp.sqrt(bias_correction(b2))
         return StepScalars(decay.astype(dtype), lr_wd.astype(dtype), step_size_neg.astype(dtype),
                             bias_correction2_sqrt.astype(dtype))
 
@@ -138,10 +151,28 @@ def _bias_correction_double(beta: float, t: jax.Array) -> jax.Array:
     return 1.0 - jnp.asarray(beta, jnp.float64) ** step.astype(jnp.float64)
 
 
-def step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> StepScalars:
-    """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``."""
+@functools.lru_cache(maxsize=32)
+def bias_correction2_pow_half(beta: float) -> np.ndarray:
+    """``(1 - beta**t) ** 0.5`` as the for-loop and foreach paths compute it: Python's ``**``, libm's ``pow``.
+
+    The fused kernel takes ``std::sqrt``; ``pow(x, 0.5)`` is not always
+    correctly rounded and differs from it in 1,103 of the first 2,000,000 steps
+    for beta=0.999 (NumPy's ``x ** 0.5`` is a ``sqrt``, hence the Python loop).
+    """
+    table = bc.bias_correction(beta)
+    values = np.fromiter((x ** 0.5 for x in table.tolist()), np.float64, len(table))
+    values.setflags(write=False)
+    return values
+
+
+def step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, torch_path: str = "fused") -> StepScalars:
+    """Scalars of step ``t`` computed as torch computes them: in double, then rounded to ``dtype``.
+
+    ``torch_path`` (:data:`TORCH_PATHS`): the paths differ only in
+    ``sqrt(1 - b2**t)``, ``std::sqrt`` (fused) or Python's ``** 0.5``.
+    """
     if any(is_traced(x) for x in (learning_rate, b1, b2, weight_decay)):
-        return _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype)
+        return _traced_step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype, torch_path=torch_path)
     bc1_table, bc2_table = bc.bias_correction(b1), bc.bias_correction(b2)
     bc1_saturated, bc2_saturated = bc.is_saturated(bc1_table), bc.is_saturated(bc2_table)
     if isinstance(learning_rate, TorchSchedule):
@@ -179,7 +210,9 @@ def step_scalars(learning_rate, b1, b2, weight_decay, count, t, dtype) -> StepSc
             lambda t: (-(learning_rate / _bias_correction_double(b1, t))).astype(dtype), t))
         decay = jnp.asarray(1.0 - learning_rate * weight_decay, dtype)
         lr_wd = jnp.asarray(learning_rate * weight_decay, dtype)
-    bias_correction2_sqrt = table_lookup(np.sqrt(bc2_table), bc2_saturated, t, dtype, lambda t: _in_graph_double(
+    # Past the table (b2 within ~1e-6 of 1) the in-graph double takes a sqrt on every path.
+    bc2_sqrt_table = np.sqrt(bc2_table) if torch_path == "fused" else bias_correction2_pow_half(b2)
+    bias_correction2_sqrt = table_lookup(bc2_sqrt_table, bc2_saturated, t, dtype, lambda t: _in_graph_double(
         lambda t: jnp.sqrt(_bias_correction_double(b2, t)).astype(dtype), t))
     return StepScalars(decay, lr_wd, step_size_neg, bias_correction2_sqrt)
 
@@ -382,3 +415,76 @@ def validate_order(order) -> np.ndarray:
                                                                         np.arange(order.size)):
         raise ValueError(f"adamw: torch_layout leaves must be permutations of 0..numel-1, got {order!r}")
     return order
+
+
+def _stored(x, dtype, opmath):
+    """``x`` rounded to the tensor dtype, as every ATen op stores its result (bfloat16/float16); else ``x``."""
+    return x.astype(dtype).astype(opmath) if jnp.dtype(dtype) != opmath else x
+
+
+def loop_leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: StepScalars, *, b1, b2, eps, decay,
+                   decay_rounding, amsgrad, maximize, torch_path, mu_dtype=None):
+    r"""One step of torch's for-loop (``_single_tensor_adam``) or foreach path over a leaf, op by op.
+
+    Each ATen op computes in ``opmath`` (float32 for half types) and stores its
+    result in the tensor dtype; its scalar is the Python double rounded to
+    ``opmath`` (``add_`` rounds it to the tensor dtype, and so do foreach's
+    ``_foreach_mul_`` of the decay and of ``b2``).  Measured per op against
+    torch 2.13 (``tests/jax_impl_tests/test_torch_paths.py``)::
+
+      p  = R(p * decay)                     param.mul_(1 - lr*wd)
+      m  = R(fma(w, g - m, m))              exp_avg.lerp_(grad, 1 - b1)   (w >= 0.5: fma(w - 1, g - m, g))
+      v  = R(fma(c*g, g, R(v * b2)))        exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+      d  = R(R(R(sqrt(v)) / bc2_sqrt) + R(eps))
+      p  = R(p + (-step_size * m) / d)      param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    The vector body and the scalar remainder of every op round alike, so
+    there is no tail.  For float32 and float64 this is the fused kernel's
+    vector formula, except for ``torch.sqrt``: MKL's ``vsSqrt``/``vdSqrt``
+    (``VML_HA``), which is not correctly rounded (docs/exactness.md measures it).
+    """
+    dtype = param.dtype
+    opmath = opmath_dtype(dtype)
+    stored = functools.partial(_stored, dtype=dtype, opmath=opmath)
+    g, m, v = (x.astype(opmath) for x in (grad, exp_avg, exp_avg_sq))
+    if maximize:
+        g = -g
+    neg_zero = -jnp.minimum(jnp.abs(g), 0)  # -0.0 that XLA cannot fold (see _adamw's docstring)
+    g = g + neg_zero  # rounded on its own: XLA may fuse the gradient's producer into this pass
+    weight = _one_minus(b1, opmath)
+    if is_traced(weight):
+        m = jnp.where(jnp.abs(weight) < 0.5, m + weight * (g - m), g + (weight - 1) * (g - m))
+    elif abs(weight) < 0.5:
+        m = m + weight * (g - m)
+    else:
+        m = g + (weight - 1) * (g - m)
+    m = stored(m)
+    beta2 = _as_scalar(b2, opmath)
+    if torch_path == "foreach":
+        beta2 = stored(jnp.asarray(beta2))
+    # One bare product in the sum: LLVM makes it fma(c*g, g, v*b2), addcmul's rounding (measured).
+    v = stored(stored(beta2 * v + neg_zero) + (_one_minus(b2, opmath) * g) * g)
+    new_max = jnp.maximum(max_exp_avg_sq.astype(opmath), v) if amsgrad else None  # torch.maximum propagates NaN
+    p = loop_new_param(param, m, v, new_max, scalars, eps=eps, decay=decay, decay_rounding=decay_rounding,
+                       amsgrad=amsgrad, torch_path=torch_path)
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+    return p, m.astype(mu_dtype or dtype), cast(v), cast(new_max)
+
+
+def loop_new_param(param, m, v, vmax, scalars: StepScalars, *, eps, decay, decay_rounding, amsgrad, torch_path):
+    """``p_new`` of the for-loop / foreach path from ``p`` and the stored new moments (see :func:`loop_leaf_step`)."""
+    dtype = param.dtype
+    opmath = opmath_dtype(dtype)
+    stored = functools.partial(_stored, dtype=dtype, opmath=opmath)
+    p, m, v = (x.astype(opmath) for x in (param, m, v))
+    neg_zero = -jnp.minimum(jnp.abs(m), 0)
+    if decay:
+        if decay_rounding == "torch":
+            factor = stored(scalars.decay) if torch_path == "foreach" else scalars.decay
+            p = stored(p * factor + neg_zero)
+        else:
+            p = stored(p - scalars.lr_wd * p)
+    v_hat = vmax.astype(opmath) if amsgrad else v
+    denom = stored(stored(jnp.sqrt(v_hat)) / (scalars.bias_correction2_sqrt + neg_zero))
+    denom = stored(denom + stored(jnp.asarray(_as_scalar(eps, opmath))))
+    return stored(p + (scalars.step_size_neg * m) / denom).astype(dtype)

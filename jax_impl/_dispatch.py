@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jax_impl import cpu_kernel, cuda_rounding
-from jax_impl._cpu_rounding import (leaf_step, nesterov_scalars, new_param,
-                                    opmath_dtype, resolve_tails, step_scalars)
+from jax_impl._cpu_rounding import (leaf_step, loop_leaf_step, nesterov_scalars,
+                                    new_param, opmath_dtype, resolve_tails,
+                                    step_scalars)
 from jax_impl._state import AdamWState, check_grads, is_traced, resolve_mask
 
 KERNELS = ("auto", "xla", "cpu")
@@ -25,15 +27,20 @@ def with_delta(delta, new_params, params):
 
 def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, weight_decay,
                 amsgrad, maximize, mask, decay_rounding, torch_layout, scalar_tail, kernel, mu_dtype=None,
-                nesterov=False, rounding="torch-cpu", delta=None):
+                nesterov=False, rounding="torch-cpu", torch_path="fused", delta=None):
     """New (params, state): the whole update, shared by ``update`` and :func:`apply_exact`.
+
+    ``torch_path``: the rounding of torch's fused kernel, or of its for-loop /
+    foreach ops (:func:`jax_impl._cpu_rounding.loop_leaf_step`; float32 leaves
+    take the CPU kernel with no scalar tail, which is that formula too).
 
     With ``delta`` (``delta(new_param, param)``, the optax update of a leaf),
     (updates, state) instead; the CPU kernel then writes float32 leaves'
     updates itself, reading the params without overwriting them, so XLA copies
     nothing to keep them for the caller.
     """
-    contraction = cuda_rounding.resolve(rounding)
+    # torch's CUDA fused kernel has no for-loop twin here: "auto" keeps the CPU model for the other paths.
+    contraction = cuda_rounding.resolve(rounding) if torch_path == "fused" or rounding != "auto" else None
     if contraction is not None and (nesterov or mu_dtype is not None):
         if rounding != "auto":
             raise ValueError(f"adamw: rounding={rounding!r} follows torch's CUDA kernel, which has no nesterov "
@@ -48,7 +55,10 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     check_grads(grads, params)
     decay_flags = resolve_mask(mask, params)
-    tails = resolve_tails(torch_layout, scalar_tail, params)
+    loop_path = torch_path != "fused"
+    # The for-loop's ops round alike in their vector body and scalar remainder: no tail.
+    tails = [np.zeros(0, np.int64)] * len(jax.tree.leaves(params)) if loop_path else \
+        resolve_tails(torch_layout, scalar_tail, params)
     # The kernel takes b1, b2 and eps as compile-time attributes: injected
     # (traced) ones go through the XLA path, which agrees with it bit for bit.
     use_kernel = _use_kernel(kernel) and not any(is_traced(x) for x in (b1, b2, eps))
@@ -67,7 +77,8 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
             param_leaves, grad_leaves, exp_avg_leaves, exp_avg_sq_leaves, max_leaves, decay_flags, tails)):
         opmath = opmath_dtype(p.dtype)
         if opmath not in scalars_by_dtype:
-            scalars_by_dtype[opmath] = step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath)
+            scalars_by_dtype[opmath] = step_scalars(learning_rate, b1, b2, weight_decay, count, t, opmath,
+                                                    torch_path=torch_path)
             if nesterov:
                 scalars_by_dtype[opmath] = nesterov_scalars(scalars_by_dtype[opmath], b1, t, opmath)
         decay = decay_on and (is_traced(weight_decay) or weight_decay != 0)
@@ -77,6 +88,11 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
                 kernel_groups.setdefault((decay, _kernel_mode(delta is not None, p.size)), []).append(i)
             else:
                 results[i] = (p, m, v, vmax)
+            continue
+        if loop_path:
+            results[i] = loop_leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps,
+                                        decay=decay, decay_rounding=decay_rounding, amsgrad=amsgrad,
+                                        maximize=maximize, torch_path=torch_path, mu_dtype=mu_dtype)
             continue
         results[i] = leaf_step(p, g, m, v, vmax, scalars_by_dtype[opmath], b1=b1, b2=b2, eps=eps, decay=decay,
                                 decay_rounding=decay_rounding, amsgrad=amsgrad, maximize=maximize,

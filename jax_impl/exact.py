@@ -219,23 +219,28 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
     scalars_by_dtype: dict = {}
     for j, i in enumerate(owned):
         p, u = param_leaves[i], update_leaves[i]
-        if jnp.dtype(p.dtype).itemsize < 4:
+        torch_path = options.get("torch_path", "fused")
+        if jnp.dtype(p.dtype).itemsize < 4 and torch_path == "fused":
             # The kernel's float32 moments were rounded when stored; its float32 update is exact instead.
             new_leaves[i] = (p.astype(jnp.float32) + u).astype(p.dtype)
             continue
         opmath = _cpu_rounding.opmath_dtype(jnp.finfo(p.dtype).dtype)  # complex128: float64
         if opmath not in scalars_by_dtype:
             scalars_by_dtype[opmath] = _cpu_rounding.step_scalars(options["learning_rate"], options["b1"], options["b2"],
-                                                            options["weight_decay"], old.count, t, opmath)
+                                                            options["weight_decay"], old.count, t, opmath,
+                                                            torch_path=torch_path)
         weight_decay = options["weight_decay"]
         decay = decay_flags[j] and (_state.is_traced(weight_decay) or weight_decay != 0)
         complex_leaf = jnp.issubdtype(p.dtype, jnp.complexfloating)
         # A complex param is torch's view_as_real: its real and imaginary parts are params of their own.
         real = _real_view if complex_leaf else (lambda x: x)  # noqa: E731
-        stepped = _cpu_rounding.new_param(real(p), real(exp_avg[j]), real(exp_avg_sq[j]),
-                                          None if maxes[j] is None else real(maxes[j]), scalars_by_dtype[opmath],
-                                          eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
-                                          amsgrad=options["amsgrad"])
+        # The for-loop and foreach paths store every moment in the param dtype: p_new follows from them.
+        param_from_moments = _cpu_rounding.new_param if torch_path == "fused" else functools.partial(
+            _cpu_rounding.loop_new_param, torch_path=torch_path)
+        stepped = param_from_moments(real(p), real(exp_avg[j]), real(exp_avg_sq[j]),
+                                     None if maxes[j] is None else real(maxes[j]), scalars_by_dtype[opmath],
+                                     eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
+                                     amsgrad=options["amsgrad"])
         stepped = jax.lax.complex(stepped[..., 0], stepped[..., 1]).astype(p.dtype) if complex_leaf else \
             stepped.astype(p.dtype)
         new_leaves[i] = jnp.where(applied, stepped, p)

@@ -69,20 +69,49 @@ class Runner:
         raise NotImplementedError
 
 
+def torch_path_of(optimizer: torch.optim.Optimizer) -> str:
+    """The path (``jax_impl.adamw``'s ``torch_path``) a torch Adam/AdamW takes in ``step()``.
+
+    ``fused`` and ``foreach`` as set in each param group; where both are None,
+    torch's own choice (``torch.optim.adam.adam``): foreach where
+    ``_default_to_fused_or_foreach`` allows it (CUDA and other native foreach
+    devices: never the CPU), not with ``differentiable`` or a tensor lr without
+    ``capturable``; else the for-loop.  Raises ``ValueError`` when the groups
+    take different paths (one ``jax_impl.adamw`` follows one).
+    """
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    paths = set()
+    for group in optimizer.param_groups:
+        fused, foreach = group.get("fused"), group.get("foreach")
+        if fused is None and foreach is None:
+            _, foreach = _default_to_fused_or_foreach(group["params"], group.get("differentiable", False),
+                                                      use_fused=False)
+            if foreach and torch.is_tensor(group["lr"]) and not group.get("capturable", False):
+                foreach = False
+        paths.add("fused" if fused else "foreach" if foreach else "for-loop")
+    if len(paths) != 1:
+        raise ValueError(f"the param groups of {type(optimizer).__name__} take different paths {sorted(paths)}; "
+                         "one jax_impl.adamw follows one torch_path")
+    return paths.pop()
+
+
 class TorchRunner(Runner):
-    """``torch.optim.AdamW`` or ``torch_impl.AdamW`` on one path (for-loop, foreach, fused)."""
+    """``torch.optim.AdamW`` or ``torch_impl.AdamW`` on one path (for-loop, foreach, fused, or torch's default)."""
 
     def __init__(self, name, hyper, params, *, cls, path: str, device: str = "cpu"):
         super().__init__(name, hyper)
         self.device = device
         self.tensors = [to_torch(p, hyper.dtype).to(device).requires_grad_(True) for p in params]
-        flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[path]
+        flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+                 "default": {}}[path]
         common = dict(lr=hyper.lr, betas=(hyper.b1, hyper.b2), eps=hyper.eps, amsgrad=hyper.amsgrad,
                       maximize=hyper.maximize, **flags)
         mask = hyper.decay_mask or (True,) * len(self.tensors)
         groups = [{"params": [t for t, m in zip(self.tensors, mask) if m], "weight_decay": hyper.weight_decay},
                   {"params": [t for t, m in zip(self.tensors, mask) if not m], "weight_decay": 0.0}]
         self.optimizer = cls([g for g in groups if g["params"]], **common)
+        self.path = torch_path_of(self.optimizer)  # the path step() takes
 
     def step(self, grads):
         for tensor, g in zip(self.tensors, grads):
@@ -130,7 +159,8 @@ def _jax_schedule(hyper: Hyper):
 class JaxRunner(Runner):
     """``jax_impl.adamw`` (exact step or ``optax.apply_updates``) or ``optax.adamw``, jitted and donated."""
 
-    def __init__(self, name, hyper, params, *, kind: str, rounding="auto"):
+    def __init__(self, name, hyper, params, *, kind: str, rounding="auto", torch_path: str = "fused",
+                 kernel: str = "auto"):
         super().__init__(name, hyper)
         self.leaves = [to_jax(p, hyper.dtype) for p in params]
         mask = list(hyper.decay_mask) if hyper.decay_mask is not None else None
@@ -147,7 +177,8 @@ class JaxRunner(Runner):
         else:
             self.tx = jax_impl.adamw(_jax_schedule(hyper), hyper.b1, hyper.b2, hyper.eps, hyper.weight_decay,
                                      amsgrad=hyper.amsgrad, maximize=hyper.maximize, mask=mask,
-                                     decay_rounding=hyper.decay_rounding, rounding=rounding)
+                                     decay_rounding=hyper.decay_rounding, rounding=rounding, torch_path=torch_path,
+                                     kernel=kernel)
         self.state = self.tx.init(self.leaves)
         if kind == "exact":
             step = lambda g, p, s: jax_impl.apply_exact(self.tx, g, s, p)  # noqa: E731
@@ -235,7 +266,15 @@ IMPLEMENTATIONS: dict[str, Callable[[Hyper, Sequence[np.ndarray]], Runner]] = {
                                                     path="foreach"),
     "torch_impl(for-loop)": lambda h, p: TorchRunner("torch_impl(for-loop)", h, p, cls=torch_impl.AdamW,
                                                      path="for-loop"),
+    "torch.AdamW(default)": lambda h, p: TorchRunner("torch.AdamW(default)", h, p, cls=torch.optim.AdamW,
+                                                     path="default"),
     "jax_impl": lambda h, p: JaxRunner("jax_impl", h, p, kind="exact"),
+    "jax_impl(foreach)": lambda h, p: JaxRunner("jax_impl(foreach)", h, p, kind="exact", torch_path="foreach"),
+    "jax_impl(for-loop)": lambda h, p: JaxRunner("jax_impl(for-loop)", h, p, kind="exact", torch_path="for-loop"),
+    # The path torch.optim.AdamW(params) takes by default for these params (the for-loop on the CPU).
+    "jax_impl(torch default)": lambda h, p: JaxRunner(
+        "jax_impl(torch default)", h, p, kind="exact",
+        torch_path=TorchRunner("probe", h, p, cls=torch.optim.AdamW, path="default").path),
     "jax_impl+apply_updates": lambda h, p: JaxRunner("jax_impl+apply_updates", h, p, kind="updates"),
     "optax.adamw": lambda h, p: JaxRunner("optax.adamw", h, p, kind="optax"),
     "reference64": lambda h, p: ReferenceRunner("reference64", h, p),

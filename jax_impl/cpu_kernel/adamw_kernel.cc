@@ -17,7 +17,13 @@
 // One call updates many leaves (all float32 leaves with the same decay flag),
 // split into chunks for XLA's intra-op thread pool.  Scalars (f32[3]): decay
 // factor, -step size, sqrt of bias correction 2.  Attributes "tail_offsets" and
-// "tails": per leaf, the flat positions that get torch's scalar-tail formula.
+// "tails": per leaf, the flat positions that get torch's scalar-tail formula
+// (none for torch's for-loop and foreach paths, whose ops round alike in their
+// vector body and remainder: for float32 they are this formula without a tail).
+//
+// Subnormals: XLA's threads run with flush-to-zero and denormals-are-zero set;
+// torch keeps subnormals.  Every thread clears both for its own work and
+// restores its floating-point environment afterwards (KeepSubnormals).
 
 #include <algorithm>
 #include <atomic>
@@ -27,11 +33,40 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Clears FTZ/DAZ (x86 MXCSR bits 15 and 6; the FZ bit 24 of AArch64's FPCR)
+// for the lifetime of the object on this thread, then restores the caller's.
+class KeepSubnormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+  KeepSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~(0x8000u | 0x0040u)); }
+  ~KeepSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#elif defined(__aarch64__)
+  KeepSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t cleared = saved_ & ~(uint64_t{1} << 24);
+    asm volatile("msr fpcr, %0" : : "r"(cleared));
+  }
+  ~KeepSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+  KeepSubnormals(const KeepSubnormals&) = delete;
+  KeepSubnormals& operator=(const KeepSubnormals&) = delete;
+};
 
 constexpr int64_t kParallelMin = int64_t{1} << 17;  // fewer elements in all: one thread
 constexpr int64_t kChunk = int64_t{1} << 16;        // elements per work item
@@ -174,6 +209,7 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
   }
   const int64_t items = static_cast<int64_t>(shared->items.size());
   auto work = [shared, s, o, items]() {
+    KeepSubnormals keep;  // this thread's environment, for this work only
     for (int64_t c; (c = shared->next.fetch_add(1)) < items;) {
       const Item& item = shared->items[c];
       const Leaf& leaf = shared->leaves[item.leaf];
@@ -192,6 +228,7 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
   work();
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 
+  KeepSubnormals keep;
   for (size_t l = 0; l < shared->leaves.size(); ++l) {
     const Leaf& leaf = shared->leaves[l];
     for (int64_t j = tail_offsets[l]; j < tail_offsets[l + 1]; ++j) {
