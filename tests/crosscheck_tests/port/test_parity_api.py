@@ -29,7 +29,7 @@ def test_simple_cnn_port_passes():
 
 def test_wrong_flatten_order_is_caught_before_training():
     torch_model, flax_model = models.simple_cnn_pair(seed=1)
-    with pytest.raises(AssertionError, match="logits differ by .* the weight conversion is wrong"):
+    with pytest.raises(AssertionError, match="(?s)logits differ by .*the weight conversion is wrong"):
         assert_trajectories_match(torch_model, flax_model, _batches(), layers=convert.layers_of(torch_model))
 
 
