@@ -120,8 +120,10 @@ def call_flax(model, x):
     """``model(x)``; a linen module wrapped in ``nnx.bridge.ToNNX`` may update its non-param collections
     (BatchNorm's ``batch_stats``), as ``nnx.BatchNorm`` does in train mode."""
     if is_linen_bridge(model):
-        collections = [k for k, v in vars(model).items() if not k.startswith(("to_nnx__", "_pytree__"))
-                       and k != "params" and isinstance(v, dict)]
+        from flax.nnx.bridge import variables as bridge_variables
+
+        attrs = {k: v for k, v in vars(model).items() if not k.startswith(("to_nnx__", "_pytree__"))}
+        collections = [c for c in bridge_variables.nnx_attrs_to_linen_vars(attrs) if c != "params"]
         return model(x, mutable=collections or False)
     return model(x)
 

@@ -188,7 +188,7 @@ class NnxGPT(nnx.Module):
 
     def __call__(self, idx):
         t = self.transformer
-        x = t.wte(idx) + t.wpe(jnp.arange(idx.shape[1]))
+        x = t.wte(idx) + t.wpe(jnp.arange(idx.shape[1]))[None]
         for block in t.h:
             x = block(x)
         return t.wte.attend(t.ln_f(x))
@@ -492,7 +492,10 @@ def hf_resnet(pitfall=None, seed=0):
     module = LinenResNet(momentum=momentum)
     flax_model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0))
     nnx.bridge.lazy_init(flax_model, jnp.zeros((1, 16, 16, 3)))
-    return Case(model, flax_model, hf_resnet_layers(model), _images((8, 3, 16, 16), 5))
+    # linen's BatchNorm stores the biased batch variance (torch the unbiased): the running var drifts by
+    # (1 - momentum) x var / n per step, 2e-4 of its scale at n = 512 values per channel; momentum of the
+    # other convention moves the running mean by 8x its scale.
+    return Case(model, flax_model, hf_resnet_layers(model), _images((8, 3, 16, 16), 5), {"stats_tol": 1e-3})
 
 
 MODELS = {"hf_gpt2": hf_gpt2, "nanogpt": nanogpt, "hf_vit": hf_vit, "hf_resnet_linen": hf_resnet}
@@ -503,8 +506,9 @@ PITFALLS = {
                 "layout": "transformer.h.0.attn.c_proj"},
     "nanogpt": {"gelu": "transformer.h.0.mlp", "causal_mask": "transformer.h.0.attn",
                 "attention_scale": "transformer.h.0.attn", "epsilon": "transformer.h.0.ln_1"},
-    "hf_vit": {"gelu": "vit.layers.0.mlp", "attention_scale": "vit.layers.0.attention",
-               "epsilon": "vit.layers.0.layernorm_before"},
+    # (ViT's eps=1e-12 against nnx's default 1e-6 moves a LayerNorm of unit-variance inputs by 5e-7 relative:
+    # inside the rounding band, and harmless; so ViT plants no epsilon)
+    "hf_vit": {"gelu": "vit.layers.0.mlp", "attention_scale": "vit.layers.0.attention"},
     "hf_resnet_linen": {"momentum": "resnet.embedder.embedder.normalization"},
 }
 
