@@ -492,10 +492,11 @@ def hf_resnet(pitfall=None, seed=0):
     module = LinenResNet(momentum=momentum)
     flax_model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0))
     nnx.bridge.lazy_init(flax_model, jnp.zeros((1, 16, 16, 3)))
-    # linen's BatchNorm stores the biased batch variance (torch the unbiased): the running var drifts by
-    # (1 - momentum) x var / n per step, 2e-4 of its scale at n = 512 values per channel; momentum of the
-    # other convention moves the running mean by 8x its scale.
-    return Case(model, flax_model, hf_resnet_layers(model), _images((8, 3, 16, 16), 5), {"stats_tol": 1e-3})
+    # linen's BatchNorm stores the biased batch variance (torch the unbiased): the running var is off by
+    # 0.1 x var / (n - 1) after a step, up to 1/(n - 1) = 3.2% of its scale at n = 32 values per channel
+    # (stage 1: batch 8 x 2 x 2; measured 0.73-1.1%); momentum of the other convention moves the running
+    # mean by 8x its scale.
+    return Case(model, flax_model, hf_resnet_layers(model), _images((8, 3, 16, 16), 5), {"stats_tol": 5e-2})
 
 
 MODELS = {"hf_gpt2": hf_gpt2, "nanogpt": nanogpt, "hf_vit": hf_vit, "hf_resnet_linen": hf_resnet}
