@@ -57,7 +57,7 @@ PITFALLS: dict[str, tuple[str, str]] = {
                 "(RMSNorm: torch's eps=None is the dtype's machine epsilon)",
                 "pass epsilon= equal to torch's eps"),
     "momentum": ("BatchNorm momentum: Flax's is the weight of the old statistics (torch's 0.1 is Flax's 0.9)",
-                 "nnx.BatchNorm(momentum=1 - torch_momentum), or crosscheck.flax_layers.BatchNorm"),
+                 "nnx.BatchNorm or linen.BatchNorm(momentum=1 - torch_momentum), or crosscheck.flax_layers.BatchNorm"),
     "padding": ("padding: Flax's default 'SAME' pads asymmetrically for stride > 1 (and pads at all where torch's "
                 "default is padding=0); torch pads explicitly and symmetrically",
                 "padding=((p, p), ...) as in torch (ConvTranspose: convert.conv_transpose_padding)"),
