@@ -39,7 +39,6 @@ from crosscheck import convert
 from crosscheck.common import losses
 from crosscheck.common.metrics import as_numpy
 from crosscheck.convert import flax_layers, trees, weights
-from crosscheck.convert.layers import default_flax_path
 from crosscheck.port import compare
 
 # The table of known porting pitfalls: key -> (what happens, the fix).  README "Porting" shows it.
