@@ -111,6 +111,18 @@ def select_output(out, selector=None):
 
 # ---------------------------------------------------------------- calling a Flax model (nnx, or linen via ToNNX)
 
+def check_flax_model(model, argument: str = "flax_model") -> None:
+    """Refuse a bare linen module (it holds no weights): it goes in ``nnx.bridge.ToNNX``, initialized."""
+    from flax import linen, nnx
+    if isinstance(model, linen.Module):
+        raise TypeError(f"{argument} is a linen module ({type(model).__name__}), which holds no variables: wrap it, "
+                        "model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(0)), and initialize it, "
+                        "nnx.bridge.lazy_init(model, example_input)")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{argument} must be an nnx.Module (or a linen module in nnx.bridge.ToNNX), "
+                        f"got {type(model).__name__}")
+
+
 def is_linen_bridge(model) -> bool:
     from flax.nnx import bridge
     return isinstance(model, bridge.ToNNX)

@@ -692,6 +692,7 @@ def locate_divergence(torch_model: torch.nn.Module, flax_model: nnx.Module, batc
     ``convert_weights`` (default) the torch weights are first written into (a copy of) the Flax model,
     so only the port's code is under test.
     """
+    compare.check_flax_model(flax_model)
     inputs, labels = batch if isinstance(batch, tuple) else (batch, None)
     inputs = np.asarray(inputs)
     to_flax_input = to_flax_input or compare.channels_last

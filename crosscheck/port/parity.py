@@ -133,6 +133,7 @@ def assert_trajectories_match(
     Returns the per-step report, also on success.
     """
     from crosscheck.port import locate as locate_module
+    compare.check_flax_model(flax_model)
     torch_output = output if torch_output is None else torch_output
     flax_output = output if flax_output is None else flax_output
     layers = list(layers) if layers is not None else convert.layers_of(torch_model)

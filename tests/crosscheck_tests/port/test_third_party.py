@@ -64,6 +64,14 @@ def test_locate_takes_a_model_output_and_a_tuple():
         compare.select_output({"a": None})
 
 
+def test_a_bare_linen_module_is_refused_with_the_wrapping_recipe():
+    c = tp.case("nanogpt")
+    for check in (lambda m: locate_divergence(c.torch_model, m, c.batch(0), layers=c.layers),
+                  lambda m: assert_trajectories_match(c.torch_model, m, c.batches(), layers=c.layers, steps=1)):
+        with pytest.raises(TypeError, match=r"flax_model is a linen module \(LinenResNet\).*nnx.bridge.ToNNX"):
+            check(tp.LinenResNet())
+
+
 def test_the_epsilon_of_a_layernorm_of_its_own_is_measured():
     rng = np.random.default_rng(0)
     x = 0.01 * rng.standard_normal((6, 16))
