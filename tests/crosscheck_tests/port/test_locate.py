@@ -64,7 +64,7 @@ def _mlp():
 def test_a_correct_port_has_no_divergence_and_a_band_it_stays_in():
     result = locate_divergence(_mlp(), NnxMLP(), _mlp_batch())
     assert result.ok, str(result)
-    assert [m.name for m in result.modules] == ["norm", "fc1", "mid", "fc2"]  # torch's execution order
+    assert [m.name for m in result.modules] == ["norm", "fc1", "mid", "fc2", "(output)"]  # torch's execution order, then the model's output
     assert all(0 < m.band < 1e-4 for m in result.modules)
     assert set(result.gradients) == {"norm/scale", "norm/bias", "fc1/kernel", "fc1/bias", "mid/kernel", "mid/bias",
                                      "fc2/kernel", "fc2/bias"}
@@ -146,7 +146,7 @@ def test_report_files(tmp_path):
     import json
 
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["first"] == "norm" and data["cause"] == "epsilon" and len(data["modules"]) == 4
+    assert data["first"] == "norm" and data["cause"] == "epsilon" and len(data["modules"]) == 5
     assert "**outside**" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(paths) == 3
 

@@ -29,7 +29,7 @@ def test_simple_cnn_port_passes():
 
 def test_wrong_flatten_order_is_caught_before_training():
     torch_model, flax_model = models.simple_cnn_pair(seed=1)
-    with pytest.raises(AssertionError, match="logits differ by .* the weight conversion is wrong"):
+    with pytest.raises(AssertionError, match="(?s)logits differ by .*the weight conversion is wrong"):
         assert_trajectories_match(torch_model, flax_model, _batches(), layers=convert.layers_of(torch_model))
 
 
@@ -52,7 +52,7 @@ class FrozenConvs(models.NnxSimpleCNN):
 
 def test_a_wrong_gradient_is_caught():
     torch_model, _ = models.simple_cnn_pair(seed=1)
-    with pytest.raises(AssertionError, match=r"step 1: gradient conv\d/\w+ differs by 1 of its scale"):
+    with pytest.raises(AssertionError, match=r"step 1: gradient conv\d/\w+ differs by [\d.e-]+, [\d.e+]+x its rounding band"):
         assert_trajectories_match(torch_model, FrozenConvs(nnx.Rngs(0)), _batches(),
                                   layers=models.simple_cnn_layers())
 

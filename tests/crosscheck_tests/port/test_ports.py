@@ -72,16 +72,17 @@ def test_example_passes_parity_fast(name):  # frozen_buffers: frozen, bare param
 
 def test_zero_gradient_leaves_need_the_floor():
     """resnet_block's conv biases feed train-mode BatchNorms: their true gradient is 0 and both frameworks
-    hold rounding noise (~5e-8), off by ~1 of its own scale; against the global floor it is ~3e-4."""
+    hold rounding noise (~5e-8), off by ~1 of its own scale; against the global floor it is ~3e-4.  With a
+    fixed grad_tol the floor is what keeps them in; the rounding bands hold them to torch's own noise."""
     example, torch_model, flax_model, layers = _converted("resnet_block")
     with pytest.raises(AssertionError, match=r"gradient conv\d/bias differs by"):
         assert_trajectories_match(torch_model, flax_model, port_examples.batches(example), layers=layers, steps=1,
-                                  grad_floor=0.0, locate=False)
+                                  grad_tol=1e-2, grad_floor=0.0, locate=False)
     example, torch_model, flax_model, layers = _converted("resnet_block")
     # per-leaf overrides: without the floor, the two noise-only leaves pass only when told to expect noise
     report = assert_trajectories_match(torch_model, flax_model, port_examples.batches(example), layers=layers,
-                                       steps=1, grad_floor=0.0, grad_tol_by_leaf={"conv1/bias": 10, "conv2/bias": 10},
-                                       locate=False)
+                                       steps=1, grad_tol=1e-2, grad_floor=0.0,
+                                       grad_tol_by_leaf={"conv1/bias": 10, "conv2/bias": 10}, locate=False)
     assert report.steps[0].grad_leaf in ("conv1/bias", "conv2/bias") and report.steps[0].grad_gap > 0.1
 
 
@@ -91,8 +92,8 @@ def test_flax_batchnorm_running_var_is_caught_and_named():
     example, torch_model, _, layers = _converted("resnet_block")
     flax_model = port_examples.NnxResNetBlock()
     flax_model.bn1 = nnx.BatchNorm(8, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
-    with pytest.raises(AssertionError, match=r"step \d: batch statistics bn1/var differ by .*nnx\.BatchNorm updates "
-                                             r"running var with the biased batch variance"):
+    with pytest.raises(AssertionError, match=r"step \d: batch statistics bn1/var differ by .*bn1/mean agrees, "
+                                             r"bn1/var is off by .* the biased batch variance"):
         assert_trajectories_match(torch_model, flax_model, port_examples.batches(example), layers=layers, steps=3,
                                   locate=False)
 
