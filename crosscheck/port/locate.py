@@ -700,7 +700,7 @@ def locate_divergence(torch_model: torch.nn.Module, flax_model: nnx.Module, batc
     flax_loss = flax_loss or losses.flax_cross_entropy
     torch_output = output if torch_output is None else torch_output
     flax_output = output if flax_output is None else flax_output
-    layers = list(layers) if layers is not None else convert.layers_of(torch_model)
+    layers = list(layers) if layers is not None else convert.layers_of(torch_model, like=flax_model)
     torch32 = copy.deepcopy(torch_model)
     flax_copy = nnx.clone(flax_model)
     if convert_weights:

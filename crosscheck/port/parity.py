@@ -136,7 +136,7 @@ def assert_trajectories_match(
     compare.check_flax_model(flax_model)
     torch_output = output if torch_output is None else torch_output
     flax_output = output if flax_output is None else flax_output
-    layers = list(layers) if layers is not None else convert.layers_of(torch_model)
+    layers = list(layers) if layers is not None else convert.layers_of(torch_model, like=flax_model)
     nnx.update(flax_model, convert.torch_to_nnx(torch_model.state_dict(), layers, flax_model))
     named = {n: p for n, p in torch_model.named_parameters() if p.requires_grad}
     if not named:
