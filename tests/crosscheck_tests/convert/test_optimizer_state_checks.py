@@ -51,7 +51,7 @@ def test_the_largest_int32_step_converts(trained):
     big = float(2 ** 31 - 128)  # a float32 torch can hold, inside int32
     state = convert.torch_optimizer_to_jax(_with(optimizer.state_dict(), step=torch.tensor(big)), layers, names,
                                            params)
-    assert int(state.count) == big and state.count.dtype == jnp.int32
+    assert int(state[0].count) == big and state[0].count.dtype == jnp.int32
 
 
 def test_a_moment_of_another_dtype_is_refused(trained):
@@ -65,7 +65,7 @@ def test_a_moment_of_another_dtype_is_refused(trained):
                                               r"float32"):
         convert.torch_optimizer_to_jax(doubled, layers, names)  # without params: what jnp.asarray would narrow
     state = convert.torch_optimizer_to_jax(doubled, layers, names, params, allow_dtype_change=True)
-    assert {x.dtype for x in jax.tree.leaves(state.exp_avg)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state[0].mu)} == {jnp.dtype(jnp.float32)}
     halved = _with(optimizer.state_dict(), exp_avg_sq=lambda t: t.to(torch.bfloat16))
     with pytest.raises(ConversionError, match=r"optimizer state exp_avg_sq: conv/kernel is bfloat16, the target "
                                               r"holds float32"):
@@ -77,8 +77,8 @@ def test_jax_counts_that_are_no_step_are_refused(trained, count, shown, x64):
     # Was: jax_optimizer_to_torch wrote step -3.0, and 1 for 1.7 (int() of it); load_nnx_optimizer_state cast too.
     model, optimizer, layers, names, params = trained
     state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
-    bad = state._replace(count=jnp.asarray(count))
-    with pytest.raises(ConversionError, match=rf"AdamWState.count {shown} is not a whole number in "
+    bad = (state[0]._replace(count=jnp.asarray(count)), *state[1:])
+    with pytest.raises(ConversionError, match=rf"state\[0\]\.count\) {shown} is not a whole number in "
                                               r"0\.\.2147483647"):
         convert.jax_optimizer_to_torch(bad, layers, names, optimizer.state_dict()["param_groups"])
     flax_model = nnx.Module()
@@ -86,7 +86,7 @@ def test_jax_counts_that_are_no_step_are_refused(trained, count, shown, x64):
     flax_model.bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
     flax_model.fc = nnx.Linear(36, 3, rngs=nnx.Rngs(0))
     nnx_optimizer = nnx.Optimizer(flax_model, jax_impl.adamw(1e-2), wrt=nnx.Param)
-    with pytest.raises(ConversionError, match=rf"AdamWState.count {shown} is not a whole number"):
+    with pytest.raises(ConversionError, match=rf"state\[0\]\.count\) {shown} is not a whole number"):
         convert.load_nnx_optimizer_state(nnx_optimizer, bad)
-    assert int(nnx_optimizer.opt_state.count.get_value()) == 0  # untouched
-    np.testing.assert_array_equal(nnx_optimizer.opt_state.exp_avg["fc"]["bias"].get_value(), np.zeros(3))
+    assert int(nnx_optimizer.opt_state[0].count.get_value()) == 0  # untouched
+    np.testing.assert_array_equal(nnx_optimizer.opt_state[0].mu["fc"]["bias"].get_value(), np.zeros(3))
