@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -90,3 +91,29 @@ def test_jax_counts_that_are_no_step_are_refused(trained, count, shown, x64):
         convert.load_nnx_optimizer_state(nnx_optimizer, bad)
     assert int(nnx_optimizer.opt_state[0].count.get_value()) == 0  # untouched
     np.testing.assert_array_equal(nnx_optimizer.opt_state[0].mu["fc"]["bias"].get_value(), np.zeros(3))
+
+
+def test_state_takes_the_layout_of_like_and_sets_the_schedule_count(trained):
+    """torch_optimizer_to_jax builds optax.adamw's tree; like= gives a schedule's / a mask's layout, every
+    count at torch's step (the schedule reads its own); load_nnx_optimizer_state sets the schedule's too."""
+    _, optimizer, layers, names, params = trained
+    params = jax.tree.map(jnp.asarray, params)
+    plain = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
+    assert jax.tree.structure(plain) == jax.tree.structure(optax.adamw(1e-2).init(params))
+    tx = jax_impl.adamw(optax.linear_schedule(1e-2, 1e-3, 10), mask=jax.tree.map(lambda x: x.ndim > 1, params))
+    state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params, like=tx.init(params))
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    assert int(state[0].count) == int(state[2].count) == 2
+    jax.tree.map(np.testing.assert_array_equal, state[0], plain[0])
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)  # the layout update expects
+    with pytest.raises(ConversionError, match="amsgrad differs"):
+        convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params,
+                                       like=jax_impl.adamw(amsgrad=True).init(params))
+
+    flax_model = nnx.Module()
+    flax_model.conv = nnx.Conv(2, 4, (3, 3), padding=1, rngs=nnx.Rngs(0))
+    flax_model.bn = nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+    flax_model.fc = nnx.Linear(36, 3, rngs=nnx.Rngs(0))
+    nnx_optimizer = nnx.Optimizer(flax_model, jax_impl.adamw(optax.linear_schedule(1e-2, 1e-3, 10)), wrt=nnx.Param)
+    convert.load_nnx_optimizer_state(nnx_optimizer, plain)
+    assert int(nnx_optimizer.opt_state[0].count.get_value()) == int(nnx_optimizer.opt_state[2].count.get_value()) == 2
