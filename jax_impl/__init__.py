@@ -3,7 +3,7 @@
 from jax_impl import schedules
 from jax_impl._adamw import adamw
 from jax_impl._cpu_rounding import torch_cpu_vector_width
-from jax_impl._state import AdamWState
+from jax_impl._state import AdamWState, from_torch_view, torch_view
 from jax_impl.cuda_rounding import CudaRounding
 from jax_impl.exact import apply_exact
 from jax_impl.fast_loops import apply_gradients_exact
@@ -12,7 +12,8 @@ from jax_impl.masks import decay_mask_by_name
 from jax_impl.groups import add_param_group, param_groups
 
 __all__ = ["AdamWState", "CudaRounding", "ExactOptimizer", "FlatLayout", "adamw", "add_param_group", "apply_exact",
-           "apply_gradients_exact", "decay_mask_by_name", "param_groups", "schedules", "torch_cpu_vector_width"]
+           "apply_gradients_exact", "decay_mask_by_name", "from_torch_view", "param_groups", "schedules",
+           "torch_cpu_vector_width", "torch_view"]
 
 
 def __getattr__(name):

@@ -41,7 +41,7 @@ from jax_impl._dispatch import KERNELS, adamw_step, with_delta
 from jax_impl._state import (AdamWState, MaskOrFn, ScalarOrSchedule,
                              check_grads, check_params, check_state,
                              concrete_hyperparameter, dtype_of,
-                             exact_recorders, optax_update,
+                             exact_recorders, optax_tree, optax_update,
                              validate_hyperparameters)
 
 
@@ -80,15 +80,21 @@ def _cast_grads(grads: optax.Updates, params: optax.Params) -> optax.Updates:
     return jax.tree_util.tree_map_with_path(cast, grads, params)
 
 
-def _conventions_step(grads, state: AdamWState, params, delta=None, **options):
-    """:func:`adamw_step` behind optax's conventions: grads cast to the params' dtypes, the state checked, an
-    empty tree, complex params as torch treats them (``torch.view_as_real``: each real and imaginary part is a
-    parameter of its own)."""
+def _conventions_step(grads, state: tuple, params, delta=None, **options):
+    """:func:`adamw_step` behind optax's conventions: grads cast to the params' dtypes, the state checked and
+    read as its torch-named view (optax's tree in and out), an empty tree, complex params as torch treats them
+    (``torch.view_as_real``: each real and imaginary part is a parameter of its own)."""
     if params is None:
         raise ValueError("adamw: update() needs params (decoupled weight decay reads them)")
     grads = _cast_grads(grads, params)
     check_grads(grads, params)
-    check_state(state, params, options["mu_dtype"], options["amsgrad"])
+    layout = dict(schedule=callable(options["learning_rate"]), masked=options["mask"] is not None)
+    view = check_state(state, params, options["mu_dtype"], options["amsgrad"], **layout)
+    new_params, new_view = _torch_named_step(grads, view, params, delta, **options)
+    return new_params, optax_tree(new_view, **layout)
+
+
+def _torch_named_step(grads, state: AdamWState, params, delta=None, **options):
     if not jax.tree.leaves(params):
         return params, state._replace(count=optax.safe_increment(state.count))
     mu_dtype = options["mu_dtype"]
@@ -246,7 +252,11 @@ def adamw(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (extra ``update`` arguments
-      are accepted and ignored).  Updates have the params' dtypes (optax's
+      are accepted and ignored).  Its state is ``optax.adamw``'s tree for the same
+      options: ``(ScaleByAdamState(count, mu, nu), EmptyState() | MaskedState(EmptyState()),
+      EmptyState() | ScaleByScheduleState(count))``, the first a
+      ``ScaleByAmsgradState(count, mu, nu, nu_max)`` with amsgrad (``nu_max``:
+      torch's ``max_exp_avg_sq``); :func:`jax_impl.torch_view` reads it under torch's names.  Updates have the params' dtypes (optax's
       convention); ``optax.apply_updates`` recovers torch's parameters exactly
       wherever ``p_new - p`` is exact in that dtype (for float32 whenever
       ``p_new`` and ``p`` are within a factor 2, i.e. not for a parameter that
@@ -293,11 +303,12 @@ def adamw(
         # init runs under jax.jit (plain zeros_like would land on one device).
         return shard_alike(jnp.zeros_like(p, dtype), p)[0]
 
-    def init_fn(params: optax.Params) -> AdamWState:
+    def init_fn(params: optax.Params) -> tuple:
         check_params(params, mu_dtype)
         zeros = lambda dtype=None: jax.tree.map(lambda p: zeros_like(p, dtype), params)  # noqa: E731
-        return AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(mu_dtype), exp_avg_sq=zeros(),
+        view = AdamWState(count=jnp.zeros([], jnp.int32), exp_avg=zeros(mu_dtype), exp_avg_sq=zeros(),
                           max_exp_avg_sq=zeros() if amsgrad else None)
+        return optax_tree(view, schedule=callable(learning_rate), masked=mask is not None)
 
     def step_fn(grads, state, params):
         return _conventions_step(grads, state, params, **options)

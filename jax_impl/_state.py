@@ -31,12 +31,80 @@ exact_recorders: list[Callable[[dict, optax.Params], None]] = []
 
 
 class AdamWState(NamedTuple):
-    """State of :func:`adamw`; every array leaf mirrors a parameter, so it shards like it."""
+    """The torch-named view of :func:`adamw`'s state (``torch.optim.AdamW``'s per-parameter names).
+
+    :func:`adamw`'s own state is optax's tree (:func:`optax_tree`); :func:`torch_view`
+    reads this view out of it and :func:`from_torch_view` writes one back.  Every
+    array leaf mirrors a parameter, so it shards like it.
+    """
 
     count: jax.Array  # shape=(), dtype=jnp.int32: number of updates applied.
-    exp_avg: optax.Updates  # first moment, shapes and dtypes of the params.
-    exp_avg_sq: optax.Updates  # second moment, shapes and dtypes of the params.
-    max_exp_avg_sq: optax.Updates | None  # running max of exp_avg_sq (amsgrad), else None.
+    exp_avg: optax.Updates  # first moment, shapes and dtypes of the params (optax's mu).
+    exp_avg_sq: optax.Updates  # second moment, shapes and dtypes of the params (optax's nu).
+    max_exp_avg_sq: optax.Updates | None  # running max of exp_avg_sq (amsgrad; optax's nu_max), else None.
+
+
+# Where each torch-named field lives in optax's tree (for messages naming the optax path).
+OPTAX_FIELDS = {"count": "[0].count", "exp_avg": "[0].mu", "exp_avg_sq": "[0].nu", "max_exp_avg_sq": "[0].nu_max"}
+MOMENT_STATES = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
+
+
+def optax_tree(view: AdamWState, *, schedule: bool, masked: bool) -> tuple:
+    """``optax.adamw``'s state tree holding ``view``: ``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``.
+
+    ``(ScaleByAdamState(count, mu, nu), EmptyState() | MaskedState(EmptyState()), EmptyState() | ScaleByScheduleState(count))``;
+    with amsgrad the first is ``ScaleByAmsgradState(count, mu, nu, nu_max)`` (optax's ``scale_by_amsgrad``).
+    The second is masked when a ``mask`` is given, the third a ``ScaleByScheduleState`` for a
+    schedule (its count is kept equal to the moments' count).
+    """
+    if view.max_exp_avg_sq is None:
+        moments = optax.ScaleByAdamState(count=view.count, mu=view.exp_avg, nu=view.exp_avg_sq)
+    else:
+        moments = optax.ScaleByAmsgradState(count=view.count, mu=view.exp_avg, nu=view.exp_avg_sq,
+                                            nu_max=view.max_exp_avg_sq)
+    decay = optax.MaskedState(inner_state=optax.EmptyState()) if masked else optax.EmptyState()
+    lr = optax.ScaleByScheduleState(count=view.count) if schedule else optax.EmptyState()
+    return (moments, decay, lr)
+
+
+def is_adamw_tree(state) -> bool:
+    """Whether ``state`` has the shape of :func:`optax_tree` (``optax.adamw``'s and :func:`adamw`'s state)."""
+    return (isinstance(state, tuple) and not hasattr(state, "_fields") and len(state) == 3
+            and isinstance(state[0], MOMENT_STATES)
+            and isinstance(state[1], (optax.EmptyState, optax.MaskedState))
+            and isinstance(state[2], (optax.EmptyState, optax.ScaleByScheduleState)))
+
+
+def torch_view(state) -> AdamWState:
+    """The torch-named :class:`AdamWState` of an :func:`adamw` (or ``optax.adamw``) state; an AdamWState as it is.
+
+    ``exp_avg`` is optax's ``mu``, ``exp_avg_sq`` its ``nu``, ``max_exp_avg_sq`` its
+    ``nu_max`` (amsgrad) or None.  Also accepts the moments' state alone
+    (``ScaleByAdamState`` / ``ScaleByAmsgradState``).
+    """
+    if isinstance(state, AdamWState):
+        return state
+    moments = state[0] if is_adamw_tree(state) else state
+    if not isinstance(moments, MOMENT_STATES):
+        raise TypeError("expected the state of jax_impl.adamw or optax.adamw (a tuple (ScaleByAdamState | "
+                        "ScaleByAmsgradState, EmptyState | MaskedState, EmptyState | ScaleByScheduleState)), "
+                        f"got {type(state).__name__}")
+    return AdamWState(moments.count, moments.mu, moments.nu, getattr(moments, "nu_max", None))
+
+
+def from_torch_view(like, view: AdamWState) -> tuple:
+    """``like`` (an :func:`adamw` state, e.g. ``tx.init(params)``) holding ``view``'s count and moments.
+
+    The schedule's count, if any, becomes ``view.count`` too.  ``view`` must agree with
+    ``like`` on amsgrad (``max_exp_avg_sq`` None or not).
+    """
+    if not is_adamw_tree(like):
+        torch_view(like)  # raises the TypeError naming what was expected
+        raise TypeError(f"from_torch_view: like must be a whole adamw state, got {type(like).__name__}")
+    if (view.max_exp_avg_sq is None) != isinstance(like[0], optax.ScaleByAdamState):
+        raise ValueError("from_torch_view: amsgrad differs: one state has max_exp_avg_sq (nu_max) and the other has not")
+    return optax_tree(view, schedule=isinstance(like[2], optax.ScaleByScheduleState),
+                      masked=isinstance(like[1], optax.MaskedState))
 
 
 def is_traced(value) -> bool:
@@ -122,41 +190,54 @@ def check_params(params: optax.Params, mu_dtype=None) -> None:
             )
 
 
-def check_state(state: AdamWState, params: optax.Params, mu_dtype, amsgrad: bool) -> None:
-    """Refuses a state whose moments do not mirror the params (XLA would broadcast them silently)."""
-    if not isinstance(state, AdamWState):
-        raise TypeError(f"adamw: state must be the AdamWState made by init, got {type(state).__name__}")
-    check_count(state.count)
+def check_state(state, params: optax.Params, mu_dtype, amsgrad: bool, *, schedule: bool, masked: bool) -> AdamWState:
+    """The torch-named view of ``state`` (the tree ``init`` made), or an error naming optax's path of what is wrong.
+
+    Refuses a state whose moments do not mirror the params (XLA would broadcast them silently).
+    """
+    expected = jax.tree.structure(optax_tree(AdamWState(0, None, None, 0 if amsgrad else None),
+                                             schedule=schedule, masked=masked))
+    if not is_adamw_tree(state) or isinstance(state[0], optax.ScaleByAmsgradState) != amsgrad or (
+            isinstance(state[2], optax.ScaleByScheduleState) != schedule) or (
+            isinstance(state[1], optax.MaskedState) != masked):
+        shown = jax.tree.structure(state, is_leaf=lambda x: not isinstance(x, tuple))
+        raise TypeError(f"adamw: state must be the tree made by init ({expected}, optax.adamw's layout), "
+                        f"got {type(state).__name__}: {shown}")
+    view = torch_view(state)
+    check_count(view.count)
     treedef = jax.tree.structure(params)
     paths = [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     fields = [("exp_avg", mu_dtype), ("exp_avg_sq", None)] + ([("max_exp_avg_sq", None)] if amsgrad else [])
     for field, field_dtype in fields:
-        tree = getattr(state, field)
+        tree, name = getattr(view, field), OPTAX_FIELDS[field]
         try:
             leaves = treedef.flatten_up_to(tree)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"adamw: state.{field} does not match the parameter tree: {err}") from None
+            raise ValueError(f"adamw: state{name} does not match the parameter tree: {err}") from None
         for where, leaf, p in zip(paths, leaves, jax.tree.leaves(params)):
             if leaf is None or jnp.shape(leaf) != jnp.shape(p):
-                raise ValueError(f"adamw: state.{field} for parameter {where} has shape "
+                raise ValueError(f"adamw: state{name} for parameter {where} has shape "
                                  f"{None if leaf is None else jnp.shape(leaf)}, the parameter has shape {jnp.shape(p)}")
             expected = jnp.dtype(field_dtype or jnp.result_type(p))
             if jnp.result_type(leaf) != expected:
-                raise TypeError(f"adamw: state.{field} for parameter {where} has dtype {jnp.result_type(leaf)}, "
+                raise TypeError(f"adamw: state{name} for parameter {where} has dtype {jnp.result_type(leaf)}, "
                                 f"expected {expected}")
+    if schedule:
+        check_count(state[2].count, "state[2].count")
+    return view
 
 
-def check_count(count) -> None:
-    """``state.count``: a scalar integer >= 0 (the number of updates applied); a traced one's value is not known."""
+def check_count(count, name: str = "state[0].count") -> None:
+    """A state's count: a scalar integer >= 0 (the number of updates applied); a traced one's value is not known."""
     dtype = jnp.result_type(count)
     if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"adamw: state.count has dtype {dtype}; it must be an integer (int32, as init makes it): "
+        raise TypeError(f"adamw: {name} has dtype {dtype}; it must be an integer (int32, as init makes it): "
                         "the number of updates applied")
     if jnp.shape(count) != ():
-        raise ValueError(f"adamw: state.count has shape {jnp.shape(count)}; it must be a scalar "
+        raise ValueError(f"adamw: {name} has shape {jnp.shape(count)}; it must be a scalar "
                          "(the number of updates applied)")
     if not is_traced(count) and int(count) < 0:
-        raise ValueError(f"adamw: state.count is {int(count)}; it must be >= 0 (the number of updates applied)")
+        raise ValueError(f"adamw: {name} is {int(count)}; it must be >= 0 (the number of updates applied)")
 
 
 def optax_update(new, old):

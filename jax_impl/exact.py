@@ -64,17 +64,17 @@ def _leaf_keys(tree) -> tuple[str, ...]:
 
 
 def _adamw_states(tree) -> list[tuple[AdamWState, dict | None]]:
-    """Every AdamWState in an optimizer state, in tree order, with the hyperparams injected into it (or None)."""
+    """The torch-named view of every AdamW moments state in an optimizer state (optax's ``ScaleByAdamState`` /
+    ``ScaleByAmsgradState``, the first node of :func:`jax_impl.adamw`'s tree), in tree order, with the
+    hyperparams injected around it (or None)."""
     found = []
-    is_node = lambda x: isinstance(x, (AdamWState, *_INJECT_STATES))  # noqa: E731
+    is_node = lambda x: isinstance(x, (*_state.MOMENT_STATES, *_INJECT_STATES))  # noqa: E731
     for node in jax.tree.leaves(tree, is_leaf=is_node):
-        if isinstance(node, AdamWState):
-            found.append((node, None))
+        if isinstance(node, _state.MOMENT_STATES):
+            found.append((_state.torch_view(node), None))
         elif isinstance(node, _INJECT_STATES):
-            if isinstance(node.inner_state, AdamWState):
-                found.append((node.inner_state, dict(node.hyperparams)))
-            else:
-                found += _adamw_states(node.inner_state)
+            found += [(view, dict(node.hyperparams) if hyperparams is None else hyperparams)
+                      for view, hyperparams in _adamw_states(node.inner_state)]
     return found
 
 
@@ -146,10 +146,31 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
       TypeError: ``tx`` contains no ``jax_impl.adamw``, or two update one leaf.
       UpdatesChangedError: (at run time) a transformation after adamw changed its updates.
     """
+    new_params, new_state, _ = _exact_step(tx, grads, state, params, extra_args, require_adamw=True,
+                                           with_updates=False)
+    return new_params, new_state
+
+
+def exact_step_with_updates(tx: optax.GradientTransformation, grads: optax.Updates, state: optax.OptState,
+                            params: optax.Params, *, require_adamw: bool = True,
+                            **extra_args: Any) -> tuple[optax.Params, optax.OptState, optax.Updates]:
+    """:func:`apply_exact`, also returning the updates ``tx.update`` returns (what ``nnx.Optimizer.update`` returns).
+
+    ``require_adamw=False``: a ``tx`` with no :func:`jax_impl.adamw` in it is not an
+    error; every leaf then gets ``p + u``, as ``optax.apply_updates`` gives.
+    """
+    return _exact_step(tx, grads, state, params, extra_args, require_adamw=require_adamw, with_updates=True)
+
+
+def _exact_step(tx, grads, state, params, extra_args: dict, *, require_adamw: bool, with_updates: bool):
     _check_gradient_dtypes(grads, params)
     step = getattr(tx.update, "exact_step", None)
     if step is not None and not extra_args:
-        return step(grads, state, params)  # a bare adamw: its own step, one pass (the CPU kernel when it applies)
+        # A bare adamw: its own step, one pass (the CPU kernel when it applies).  Its updates are
+        # optax_update(p_new, p), what tx.update returns, bit for bit.
+        new_params, new_state = step(grads, state, params)
+        updates = jax.tree.map(_state.optax_update, new_params, params) if with_updates else None
+        return new_params, new_state, updates
 
     reported: dict[tuple[str, ...], dict] = {}
     thread = threading.get_ident()
@@ -163,7 +184,7 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         updates, new_state = tx.update(grads, state, params, **extra_args)
     finally:
         _state.exact_recorders.remove(record)
-    if not reported:
+    if not reported and require_adamw:
         raise TypeError("apply_exact: tx must contain a transformation made by jax_impl.adamw "
                         f"(got {type(tx).__name__} whose update never called one)")
 
@@ -181,8 +202,7 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
     for (old, _), (new, hyperparams) in zip(olds, news):
         leaf_keys = _leaf_keys(new.exp_avg)
         if leaf_keys not in reported:
-            raise TypeError(f"apply_exact: found an AdamW state for parameters {list(leaf_keys)} that no "
-                            "jax_impl.adamw reported while tx.update ran")
+            continue  # another optimizer's Adam moments (optax.adam in a multi_transform): p + u below
         options = dict(reported[leaf_keys])
         if hyperparams is not None:
             # The values this step used (a schedule's, or what the user wrote into
@@ -203,7 +223,7 @@ def apply_exact(tx: optax.GradientTransformation, grads: optax.Updates, state: o
         wheres = [where for where, _ in checks]
         jax.debug.callback(functools.partial(_raise_if_changed, wheres=wheres),
                            jnp.stack([changed for _, changed in checks]))
-    return treedef.unflatten(new_leaves), new_state
+    return treedef.unflatten(new_leaves), new_state, updates
 
 
 def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_leaves, update_leaves, keys,

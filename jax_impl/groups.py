@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_impl._adamw import adamw
-from jax_impl._state import AdamWState
+from jax_impl._state import AdamWState, from_torch_view, torch_view
 
 # torch.optim.AdamW's defaults, under torch's names.
 TORCH_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False,
@@ -122,13 +122,14 @@ def refill(template, by_path: Mapping, what: str):
 
 def _transplant(old, template):
     """``template`` (a group's masked AdamW state over the new params) with ``old``'s count and moments."""
-    old_adamw, new_adamw = old.inner_state, template.inner_state
+    old_adamw, new_adamw = torch_view(old.inner_state), torch_view(template.inner_state)
     moments = {}
     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         tree = getattr(new_adamw, name)
         moments[name] = None if tree is None else refill(tree, leaves_by_path(getattr(old_adamw, name)),
                                                           "add_param_group")
-    return template._replace(inner_state=AdamWState(count=old_adamw.count, **moments))
+    view = AdamWState(count=old_adamw.count, **moments)
+    return template._replace(inner_state=from_torch_view(template.inner_state, view))
 
 
 # Moved to the converter, which owns everything that reads torch's state_dict.

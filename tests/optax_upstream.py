@@ -9,8 +9,8 @@ once, so a new optax release that moves the code fails loudly here.
     PYTHONPATH=. python tests/optax_upstream.py --out /tmp/optax-upstream   # the table, stock vs ours
 
 ``tests/jax_impl_tests/test_optax_upstream.py`` runs a subset of the patched suites in CI.
-Adaptations for deliberate differences (README, "Drop-in conventions") are
-listed in ``ADAPTATIONS`` and applied to the ``ours`` copy only.
+The swap is the only change: the tests read ``jax_impl.adamw``'s state under
+optax's own names (``state[0].mu``), as its state is ``optax.adamw``'s tree.
 """
 
 from __future__ import annotations
@@ -42,14 +42,6 @@ SUITES = {
 VARIANTS = ("stock", "ours", "ours_wd")
 NAMES = {"stock": "adamw", "ours": "jax_impl_adamw", "ours_wd": "jax_impl_adamw"}
 OURS = {"ours": "jax_impl.adamw", "ours_wd": "functools.partial(jax_impl.adamw, weight_decay=1e-4)"}
-
-# Applied to the `ours` copies only (both variants); each entry is a deliberate difference (README, "Drop-in conventions").
-ADAPTATIONS = {
-    "alias_test": "test_explicit_dtype reads the first moment as `exp_avg` (torch's state names) instead of `mu`",
-    "tree_utils/_state_utils_test": "test_inject_hparams reads the first moment as `inner_state.exp_avg` "
-                                    "(one AdamWState, torch's names) instead of `inner_state[0].mu` (optax's chain)",
-}
-
 
 # Cases stock passes and jax_impl.adamw fails on purpose (README, "Drop-in conventions"); absl names cases
 # by index: test_explicit_dtype's product is params_dtype x state_dtype over (bfloat16, float32, complex64, None).
@@ -88,8 +80,6 @@ def patched_source(suite: str, which: str) -> str:
                           "  if opt_name == 'jax_impl_adamw':\n    return _OURS\n")
         source = _replace(source, "opt_name=('sgd_mom', 'adam', 'adamw'),", f"opt_name=({name!r},),")
         source = _replace(source, "elif opt_name in ['adam', 'adamw']:", "elif opt_name in ['adam', 'adamw', 'jax_impl_adamw']:")
-        if which != "stock":
-            source = _replace(source, "      attribute_name = 'mu'\n", "      attribute_name = 'exp_avg'\n")
     elif suite == "contrib/_common_test":
         source = _replace(source, r"_MAIN_OPTIMIZERS_UNDER_TEST = \[\n.*?\n\]\nfor optimizer in",
                           f"_MAIN_OPTIMIZERS_UNDER_TEST = [{{'opt_name': {name!r}, 'opt_kwargs': {{'learning_rate': 1e-2}}}}]"
@@ -116,8 +106,6 @@ def patched_source(suite: str, which: str) -> str:
     elif suite == "tree_utils/_state_utils_test":
         source = _replace(source, "_inject.inject_hyperparams(alias.adamw)(learning_rate=1e-3)",
                           f"_inject.inject_hyperparams({factory})(learning_rate=1e-3)")
-        if which != "stock":
-            source = _replace(source, "mu = getattr(state.inner_state[0], 'mu')", "mu = state.inner_state.exp_avg")
     return source
 
 
@@ -138,10 +126,10 @@ def run_suite(suite: str, which: str, directory: Path, pytest_args=()) -> dict:
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(path.parent),
                     f"--junitxml={report}", *selected, *pytest_args], env=env, cwd=path.parent,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return _counts(report)
+    return outcome_counts(report)
 
 
-def _counts(report: Path) -> dict:
+def outcome_counts(report: Path) -> dict:
     """Per test method (its subtests are extra entries of the same name in the report): failed if any entry
     failed, skipped if every entry was skipped, else passed."""
     outcomes: dict[str, set] = {}
@@ -192,7 +180,6 @@ def main(argv=None) -> int:
         for which in VARIANTS:
             for name in counts[which]["failures"]:
                 print(f"failed ({which}) {suite}: {name}")
-    print("\nadaptations (ours only):", *(f"  {k}: {v}" for k, v in ADAPTATIONS.items()), sep="\n")
     for which in VARIANTS[1:]:
         print(f"\npassed by stock, not by {which}:", *(lost[which] or ["(none)"]), sep="\n  ")
     print("\ndeliberate:", *(f"{k}: {v}" for k, v in DELIBERATE.items()), sep="\n  ")

@@ -60,8 +60,8 @@ def main() -> int:
             put = lambda tree: {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}  # noqa: E731
             params = put(host)
             state = jax.jit(tx.init)(params)
-            for moment in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                tree = getattr(state, moment)
+            for moment in ("mu", "nu", "nu_max"):
+                tree = getattr(state[0], moment, None)
                 for leaf, x in (tree or {}).items():
                     if not x.sharding.is_equivalent_to(shardings[leaf], x.ndim):
                         failures.append(f"{label}: jit(init) {moment}[{leaf}] has {x.sharding}, "

@@ -26,9 +26,11 @@ BatchNorm's ``num_batches_tracked`` has no Flax counterpart; converting back,
 it is taken from ``reference`` (the target's current ``state_dict()``) or set to 0.
 
 The AdamW state converts with the same layouts: ``exp_avg``, ``exp_avg_sq`` and
-``max_exp_avg_sq`` of a parameter move exactly as its weight does; torch's
-per-parameter float32 ``step`` becomes ``jax_impl.AdamWState.count``; torch's
-parameter indices (the optimizer's order) become pytree paths.
+``max_exp_avg_sq`` of a parameter move exactly as its weight does, into optax's
+``mu``, ``nu`` and ``nu_max`` (``jax_impl.adamw``'s state is ``optax.adamw``'s tree;
+``jax_impl.torch_view`` reads it under torch's names); torch's per-parameter
+float32 ``step`` becomes the state's int32 ``count``; torch's parameter indices
+(the optimizer's order) become pytree paths.
 
 The modules: :mod:`~crosscheck.convert.layers` (the layer table: which torch
 module is which kind, and how each kind's arrays move), :mod:`~crosscheck.convert.matching`

@@ -179,7 +179,7 @@ def _is_primary() -> bool:
 
 
 def save_jax(path: str | os.PathLike, params: Any, opt_state: Any, *, force: bool = False) -> Path:
-    """Save params and optimizer state (any pytrees: dicts, ``nnx.State``, ``jax_impl.AdamWState``) with orbax.
+    """Save params and optimizer state (any pytrees: dicts, ``nnx.State``, optax states such as ``jax_impl.adamw``'s) with orbax.
 
     An existing ``path`` is refused unless ``force=True`` (as orbax's
     ``save(..., force=True)``): then the new checkpoint, complete, replaces it.
@@ -218,7 +218,7 @@ def restore_jax(path: str | os.PathLike, params_like: Any, opt_state_like: Any) 
     """(params, opt_state) from :func:`save_jax`, placed and sharded like the ``*_like`` trees.
 
     The templates may be arrays or ``jax.ShapeDtypeStruct`` (with shardings; without, the first local device),
-    in dicts, ``nnx.State`` or ``AdamWState``; what comes back has their
+    in dicts, ``nnx.State``s or optax state trees; what comes back has their
     structure (an ``nnx.State`` template gives an ``nnx.State``, whichever kind
     was saved).  The checkpoint's paths, shapes and dtypes are checked against them first.
     """

@@ -199,11 +199,8 @@ class JaxRunner(Runner):
         return [np.asarray(p) for p in self.leaves]
 
     def _moment_trees(self):
-        if self.kind == "optax":
-            adam_state = next(s for s in jax.tree.leaves(self.state, is_leaf=lambda s: hasattr(s, "mu"))
-                              if hasattr(s, "mu"))
-            return adam_state.mu, adam_state.nu
-        return self.state.exp_avg, self.state.exp_avg_sq
+        view = jax_impl.torch_view(self.state)  # optax.adamw's tree and ours are the same layout
+        return view.exp_avg, view.exp_avg_sq
 
     def moments(self):
         m, v = self._moment_trees()
@@ -212,15 +209,16 @@ class JaxRunner(Runner):
     def max_moment(self):
         if not self.hyper.amsgrad or self.kind == "optax":
             return None
-        return [np.asarray(x) for x in self.state.max_exp_avg_sq]
+        return [np.asarray(x) for x in jax_impl.torch_view(self.state).max_exp_avg_sq]
 
     def load(self, params, exp_avg, exp_avg_sq, max_exp_avg_sq, count):
         if self.kind == "optax":
             raise NotImplementedError("re-synced mode does not load optax.adamw's state")
         arr = lambda xs: [to_jax(x, self.hyper.dtype) for x in xs]  # noqa: E731
         self.leaves = arr(params)
-        self.state = jax_impl.AdamWState(jnp.asarray(count, jnp.int32), arr(exp_avg), arr(exp_avg_sq),
-                                         arr(max_exp_avg_sq) if max_exp_avg_sq is not None else None)
+        view = jax_impl.AdamWState(jnp.asarray(count, jnp.int32), arr(exp_avg), arr(exp_avg_sq),
+                                   arr(max_exp_avg_sq) if max_exp_avg_sq is not None else None)
+        self.state = jax_impl.from_torch_view(self.state, view)
         self.count = count
 
 

@@ -56,7 +56,7 @@ def _run_jax(params, grads, rounding, lr=1e-3, **options):
     step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
     for g in grads:
         leaves, state = step([jnp.asarray(x) for x in g], state, leaves)
-    return leaves, state
+    return leaves, jax_impl.torch_view(state)  # torch's names, as the numpy model's
 
 
 _xla_pow = jax.jit(lambda b, t: jnp.power(b, t))

@@ -101,4 +101,4 @@ def test_train_state_with_mask_by_name():
         state, loss = train_step(state)
         losses.append(float(loss))
     assert losses[-1] < 0.05 * losses[0]
-    assert int(state.opt_state.count) == 200
+    assert int(state.opt_state[0].count) == 200

@@ -133,11 +133,11 @@ def test_bool_mask_leaves_are_accepted(flag):
 # --- 10. the state's count ---------------------------------------------------------------------------------------
 
 BAD_COUNTS = {  # id: (count, error, message, whether a jitted update can see it: a traced count's value is unknown)
-    "-1": (jnp.asarray(-1, jnp.int32), ValueError, "adamw: state.count is -1; it must be >= 0", False),
-    "float32": (jnp.asarray(1.0, jnp.float32), TypeError, "adamw: state.count has dtype float32; it must be an integer",
+    "-1": (jnp.asarray(-1, jnp.int32), ValueError, "adamw: state[0].count is -1; it must be >= 0", False),
+    "float32": (jnp.asarray(1.0, jnp.float32), TypeError, "adamw: state[0].count has dtype float32; it must be an integer",
                 True),
-    "bool": (jnp.asarray(True), TypeError, "adamw: state.count has dtype bool; it must be an integer", True),
-    "shape (2,)": (jnp.zeros(2, jnp.int32), ValueError, "adamw: state.count has shape (2,); it must be a scalar", True),
+    "bool": (jnp.asarray(True), TypeError, "adamw: state[0].count has dtype bool; it must be an integer", True),
+    "shape (2,)": (jnp.zeros(2, jnp.int32), ValueError, "adamw: state[0].count has shape (2,); it must be a scalar", True),
 }
 COUNT_CASES = [pytest.param(path, *case[:3], id=f"{path}-{name}") for name, case in BAD_COUNTS.items()
                for path in ("update", "apply_exact", "jit update") if path != "jit update" or case[3]]
@@ -148,7 +148,8 @@ COUNT_CASES = [pytest.param(path, *case[:3], id=f"{path}-{name}") for name, case
 def test_bad_count_is_refused(kernel, path, count, error, message):
     params = {"w": jnp.ones(3)}
     tx = jax_impl.adamw(kernel=kernel)
-    state = tx.init(params)._replace(count=count)
+    moments, *rest = tx.init(params)
+    state = (moments._replace(count=count), *rest)
     run = {"update": lambda: tx.update(params, state, params),
            "jit update": lambda: jax.jit(tx.update)(params, state, params),
            "apply_exact": lambda: jax_impl.apply_exact(tx, params, state, params)}[path]
@@ -160,9 +161,10 @@ def test_bad_count_is_refused(kernel, path, count, error, message):
 def test_a_large_count_is_accepted():
     params = {"w": jnp.ones(3)}
     tx = jax_impl.adamw()
-    state = tx.init(params)._replace(count=jnp.asarray(2 ** 23, jnp.int32))
+    moments, *rest = tx.init(params)
+    state = (moments._replace(count=jnp.asarray(2 ** 23, jnp.int32)), *rest)
     updates, new_state = tx.update(params, state, params)
-    assert int(new_state.count) == 2 ** 23 + 1 and np.all(np.isfinite(np.asarray(updates["w"])))
+    assert int(new_state[0].count) == 2 ** 23 + 1 and np.all(np.isfinite(np.asarray(updates["w"])))
 
 
 # --- 11. FlatLayout: buffers and trees of another shape -----------------------------------------------------------

@@ -55,13 +55,15 @@ def test_update_needs_params():
         tx.update(params, tx.init(params))
 
 
-def test_state_is_a_namedtuple_mirroring_params():
+def test_state_is_optax_tree_mirroring_params():
     params = {"a": jnp.ones((2, 3)), "b": jnp.ones((), jnp.bfloat16)}
     state = jax_impl.adamw(amsgrad=True).init(params)
-    assert isinstance(state, jax_impl.AdamWState)
-    for tree in (state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq):
+    assert isinstance(state[0], optax.ScaleByAmsgradState)
+    for tree in (state[0].mu, state[0].nu, state[0].nu_max):
         assert jax.tree.map(lambda x: (x.shape, x.dtype), tree) == jax.tree.map(lambda x: (x.shape, x.dtype), params)
-    assert jax_impl.adamw().init(params).max_exp_avg_sq is None
+    view = jax_impl.torch_view(state)
+    assert isinstance(view, jax_impl.AdamWState) and view.max_exp_avg_sq is state[0].nu_max
+    assert jax_impl.torch_view(jax_impl.adamw().init(params)).max_exp_avg_sq is None
 
 
 def test_jit_donation_and_no_recompilation():
@@ -77,7 +79,7 @@ def test_jit_donation_and_no_recompilation():
     params, state = step(params, state, jax.tree.map(lambda g: g * 2, grads))
     assert step._cache_size() == compiled_before  # new values, same compilation
     assert old_w.is_deleted()  # the donated buffer was reused
-    assert int(state.count) == 2
+    assert int(state[0].count) == 2
     # Donated in the order they are returned, every buffer is updated in place:
     # the compiled step has no copies (crossed order: one copy per leaf).
     text = step.lower(params, state, grads).compile().as_text()
@@ -90,7 +92,7 @@ def test_updates_follow_optax_contract():
     updates, state = tx.update({"w": jnp.array([1.0, -1.0])}, tx.init(params), params)
     # First Adam step moves each param by ~lr against the gradient's sign.
     np.testing.assert_allclose(updates["w"], [-0.1, 0.1], rtol=1e-5)
-    assert int(state.count) == 1
+    assert int(state[0].count) == 1
 
 
 def test_mask_callable_and_inside_chain():

@@ -107,8 +107,8 @@ def test_nan_and_inf_gradients_propagate_like_torch():
             opt.step()
             params, state = step([jnp.asarray(grads)], state, params)
         torch_state = opt.state[param]
-        for ours, theirs in ((params[0], param.detach()), (state.exp_avg[0], torch_state["exp_avg"]),
-                             (state.exp_avg_sq[0], torch_state["exp_avg_sq"])):
+        for ours, theirs in ((params[0], param.detach()), (state[0].mu[0], torch_state["exp_avg"]),
+                             (state[0].nu[0], torch_state["exp_avg_sq"])):
             ours, theirs = np.asarray(ours), theirs.numpy()
             if maximize:
                 # maximize negates a NaN gradient; which operand's NaN an instruction

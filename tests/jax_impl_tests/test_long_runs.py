@@ -42,11 +42,12 @@ def test_bias_correction_past_the_table_is_torchs(count, b1, b2, kernel):
     v0 = (0.01 * rng.random(37)).astype(np.float32)
     want = _torch_step_at(count, b1, b2, 1e-3, p0, g, m0, v0)
     tx = jax_impl.adamw(1e-3, b1, b2, weight_decay=1e-2, kernel=kernel)
-    state = jax_impl.AdamWState(count=jnp.asarray(count, jnp.int32), exp_avg=jnp.asarray(m0),
-                                exp_avg_sq=jnp.asarray(v0), max_exp_avg_sq=None)
+    view = jax_impl.AdamWState(count=jnp.asarray(count, jnp.int32), exp_avg=jnp.asarray(m0),
+                               exp_avg_sq=jnp.asarray(v0), max_exp_avg_sq=None)
+    state = jax_impl.from_torch_view(tx.init(jnp.asarray(p0)), view)
     params, state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(jnp.asarray(g), state, jnp.asarray(p0))
     assert np.all(np.isfinite(np.asarray(params)))
-    for got, expected in zip((params, state.exp_avg, state.exp_avg_sq), want):
+    for got, expected in zip((params, state[0].mu, state[0].nu), want):
         np.testing.assert_array_equal(np.asarray(got).view(np.uint32), expected.view(np.uint32))
 
 
@@ -55,10 +56,11 @@ def test_in_graph_double_keeps_the_callers_dtypes():
     assert not jax.config.jax_enable_x64
     tx = jax_impl.adamw(1e-3, 0.99999999, 0.99999999)
     params = jnp.ones(3)
-    state = tx.init(params)._replace(count=jnp.asarray(2**23, jnp.int32))
+    moments, *rest = tx.init(params)
+    state = (moments._replace(count=jnp.asarray(2**23, jnp.int32)), *rest)
     new_params, new_state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(jnp.ones(3), state, params)
-    assert new_params.dtype == jnp.float32 and new_state.exp_avg.dtype == jnp.float32
-    assert new_state.count.dtype == jnp.int32
+    assert new_params.dtype == jnp.float32 and new_state[0].mu.dtype == jnp.float32
+    assert new_state[0].count.dtype == jnp.int32
     expected = 1.0 - math.pow(0.99999999, float(np.float32(2**23 + 1)))
     assert expected > 0.08  # far from 0: the float32 fallback had 1 - 0.99999999**t == 0 here (b1 ~ 1 - 1e-8 rounds to 1)
 
@@ -110,18 +112,23 @@ def test_a_count_past_a_changing_schedule_raises_or_is_nan(make):
     assert np.isnan(values[-2:]).all()
 
 
+def _at_count(state, count: int):
+    """``state`` after ``count`` updates (the moments' count and the schedule's)."""
+    view = jax_impl.torch_view(state)._replace(count=jnp.asarray(count, jnp.int32))
+    return jax_impl.from_torch_view(state, view)
+
+
 def test_adamw_past_a_changing_schedule_gives_nan_not_a_held_lr():
     tx = jax_impl.adamw(S.exponential_lr(0.1, 0.9, horizon=10))
     params = jnp.ones(3)
     step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
-    state = tx.init(params)
-    params, state = step(jnp.ones(3), state._replace(count=jnp.asarray(9, jnp.int32)), params)
+    params, state = step(jnp.ones(3), _at_count(tx.init(params), 9), params)
     assert np.isfinite(np.asarray(params)).all()  # count 9: the table's last entry
     params, state = step(jnp.ones(3), state, params)
     assert np.isnan(np.asarray(params)).all()
     tx = jax_impl.adamw(S.multi_step_lr(0.1, [3], horizon=10))  # steady: holds past the table
     params, state = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))(
-        jnp.ones(3), tx.init(jnp.ones(3))._replace(count=jnp.asarray(50, jnp.int32)), jnp.ones(3))
+        jnp.ones(3), _at_count(tx.init(jnp.ones(3)), 50), jnp.ones(3))
     assert np.isfinite(np.asarray(params)).all()
 
 

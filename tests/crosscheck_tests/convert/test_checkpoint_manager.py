@@ -22,11 +22,13 @@ from crosscheck.convert.checkpoint import CheckpointError, CheckpointManager
 def _state(seed: int):
     rng = np.random.default_rng(seed)
     params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), "b": jnp.zeros(3, jnp.float32)}
-    return params, jax_impl.adamw().init(params)._replace(count=jnp.asarray(seed, jnp.int32))
+    state = jax_impl.adamw().init(params)
+    return params, jax_impl.from_torch_view(state, jax_impl.torch_view(state)._replace(
+        count=jnp.asarray(seed, jnp.int32)))
 
 
 def _count(restored) -> int:
-    return int(restored[1].count)
+    return int(restored[1][0].count)
 
 
 def test_latest_valid_step_and_keep_n(tmp_path):

@@ -43,7 +43,7 @@ def test_orbax_round_trip_continues_bit_for_bit(tmp_path):
     checkpoint.save_jax(tmp_path / "ckpt", params, state)
     straight = _jax_run(tx, params, state, 5, seed=2)
     restored = checkpoint.restore_jax(tmp_path / "ckpt", *jax.tree.map(jnp.zeros_like, (params, state)))
-    assert int(restored[1].count) == 5
+    assert int(restored[1][0].count) == 5
     _assert_trees_equal(_jax_run(tx, *restored, 5, seed=2), straight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directory left
 
@@ -55,8 +55,8 @@ def test_orbax_misfits_are_refused(tmp_path):
     cases = [({**params, "w": jnp.zeros((5, 4))}, r"\['w'\] has shape \(5, 3\) in the checkpoint, \(5, 4\) running"),
              ({**params, "w": jnp.zeros((5, 3), jnp.float16)}, r"\['w'\] has dtype float32 in the checkpoint, "
                                                                r"float16 running"),
-             ({**params, "extra": jnp.zeros(2)}, r"the checkpoint has no \['opt_state'\]\['exp_avg'\]\['extra'\]"),
-             ({"w": params["w"], "b": params["b"]}, r"the checkpoint has \['opt_state'\]\['exp_avg'\]\['scale'\], "
+             ({**params, "extra": jnp.zeros(2)}, r"the checkpoint has no \['opt_state'\]\['0'\]\['mu'\]\['extra'\]"),
+             ({"w": params["w"], "b": params["b"]}, r"the checkpoint has \['opt_state'\]\['0'\]\['mu'\]\['scale'\], "
                                                     r"which the running state has not")]
     for like, message in cases:
         running = tx.init(like)
@@ -224,19 +224,19 @@ def test_nnx_states_round_trip_both_ways(tmp_path):
         fresh, fresh_optimizer = _nnx_pair(5)
         params, opt_state = checkpoint.restore_jax(tmp_path / saved, nnx.state(fresh, nnx.Param),
                                                    fresh_optimizer.opt_state)
-        assert isinstance(params, nnx.State) and isinstance(opt_state.exp_avg, nnx.State)
+        assert isinstance(params, nnx.State) and isinstance(opt_state[0].mu, nnx.State)
         nnx.update(fresh, params)
         convert.load_nnx_optimizer_state(fresh_optimizer, opt_state)  # also sets the optimizer's step
-        assert int(fresh_optimizer.opt_state.count.get_value()) == int(fresh_optimizer.step.get_value()) == 3
+        assert int(fresh_optimizer.opt_state[0].count.get_value()) == int(fresh_optimizer.step.get_value()) == 3
         _nnx_steps(fresh, fresh_optimizer, 3, 3)
         _assert_trees_equal(nnx.state(fresh, nnx.Param), nnx.state(model, nnx.Param))  # bitwise the run that went on
         # ... and pure templates from an nnx checkpoint.
         pure = checkpoint.restore_jax(tmp_path / saved, nnx.to_pure_dict(nnx.state(fresh, nnx.Param)),
                                       nnx.as_pure(fresh_optimizer.opt_state))
-        assert isinstance(pure[0], dict) and int(pure[1].count) == 3
+        assert isinstance(pure[0], dict) and int(pure[1][0].count) == 3
     wrong, wrong_optimizer = _nnx_pair(0)
     wrong.layers[1] = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
-    with pytest.raises(CheckpointError, match=r"JAX checkpoint nnx: \['opt_state'\]\['exp_avg'\]\['layers'\]\['1'\]"
+    with pytest.raises(CheckpointError, match=r"JAX checkpoint nnx: \['opt_state'\]\['0'\]\['mu'\]\['layers'\]\['1'\]"
                                               r"\['bias'\] has shape \(2,\) in the checkpoint, \(3,\) running"):
         checkpoint.restore_jax(tmp_path / "nnx", nnx.state(wrong, nnx.Param),
                                nnx.Optimizer(wrong, jax_impl.adamw(1e-2, amsgrad=True), wrt=nnx.Param).opt_state)

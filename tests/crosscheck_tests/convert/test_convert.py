@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import linen, nnx
@@ -15,7 +16,7 @@ from crosscheck import convert
 from crosscheck.cifar import models
 from crosscheck.convert import ConversionError
 from crosscheck.common.metrics import as_numpy
-from helpers import TorchCNN, continue_in_torch, jax_steps, setup_cnn, torch_steps
+from helpers import TorchCNN, continue_in_torch, jax_steps, setup_cnn, shared_gradient, torch_steps
 
 
 class TorchZoo(torch.nn.Module):
@@ -189,7 +190,7 @@ def test_optimizer_state_round_trips_exactly(amsgrad, cls):
     names = convert.param_names(model, optimizer)
     params = convert.params_to_flax(dict(model.named_parameters()), layers)
     state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
-    assert int(state.count) == 5 and (state.max_exp_avg_sq is not None) == amsgrad
+    assert int(state[0].count) == 5 and isinstance(state[0], optax.ScaleByAmsgradState) == amsgrad
     back = convert.jax_optimizer_to_torch(state, layers, names, optimizer.state_dict()["param_groups"])
     original = optimizer.state_dict()
     assert back["param_groups"] == original["param_groups"]
@@ -244,7 +245,7 @@ def test_optimizer_state_into_nnx_optimizer_and_back():
     nnx_optimizer = nnx.Optimizer(flax_model, jax_impl.adamw(1e-2, weight_decay=0.1, amsgrad=True), wrt=nnx.Param)
     convert.load_nnx_optimizer_state(nnx_optimizer,
                                      convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names))
-    assert int(nnx_optimizer.opt_state.count.get_value()) == 3
+    assert int(nnx_optimizer.opt_state[0].count.get_value()) == 3
     back = convert.jax_optimizer_to_torch(nnx.as_pure(nnx_optimizer.opt_state), layers, names,
                                           optimizer.state_dict()["param_groups"])
     for index, entry in optimizer.state_dict()["state"].items():
@@ -257,9 +258,6 @@ def test_optimizer_state_errors_name_the_parameter():
     torch_steps(model, optimizer, 2, 0)
     names = convert.param_names(model, optimizer)
     state = optimizer.state_dict()
-    partial = {"state": {i: s for i, s in state["state"].items() if i != 2}, "param_groups": state["param_groups"]}
-    with pytest.raises(ConversionError, match=r"parameter 2 \('bn.weight'\) has no AdamW state"):
-        convert.torch_optimizer_to_jax(partial, layers, names)
     skewed = {"state": {i: {**s, "step": torch.tensor(3.0 if i == 0 else 2.0)} for i, s in state["state"].items()}}
     with pytest.raises(ConversionError, match=r"steps .* are not one integer count"):
         convert.torch_optimizer_to_jax(skewed, layers, names)
@@ -271,6 +269,59 @@ def test_optimizer_state_errors_name_the_parameter():
     wrong["fc"]["kernel"] = np.zeros((3, 3))
     with pytest.raises(ConversionError, match=r"fc/kernel converts to shape \(36, 3\), the target holds \(3, 3\)"):
         convert.torch_optimizer_to_jax(state, layers, names, wrong)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_frozen_parameters_have_no_state_both_ways_and_the_resume_is_bitwise(amsgrad):
+    """A torch optimizer over model.parameters() with a frozen one (requires_grad=False): torch's step skips it
+    and keeps no state for it; converted, it has no moments, the JAX run over the trainable params continues
+    bitwise, and back in torch it has no state again."""
+    k = 3
+
+    def frozen_cnn():
+        model, optimizer, layers = setup_cnn(amsgrad)
+        model.bn.weight.requires_grad_(False)
+        return model, optimizer, layers
+
+    model, optimizer, layers = frozen_cnn()
+    torch_steps(model, optimizer, 2 * k, 0)
+    never_switched = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model, optimizer, layers = frozen_cnn()
+    torch_steps(model, optimizer, k, 0)
+    names = convert.param_names(model, optimizer)
+    assert "bn.weight" in names and names.index("bn.weight") not in optimizer.state_dict()["state"]
+    trainable = [n for n in names if model.get_parameter(n).requires_grad]
+    named = dict(model.named_parameters())
+    params = jax.tree.map(jnp.asarray, convert.params_to_flax({n: named[n] for n in trainable}, layers))
+    state = convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, params)
+    assert "scale" not in state[0].mu["bn"] and int(state[0].count) == k
+    everything = convert.params_to_flax(named, layers)
+    with pytest.raises(ConversionError, match=r"\['bn.weight'\] have no AdamW state \(frozen"):
+        convert.torch_optimizer_to_jax(optimizer.state_dict(), layers, names, everything)
+
+    back = convert.jax_optimizer_to_torch(state, layers, names, optimizer.state_dict()["param_groups"])
+    assert back["state"].keys() == optimizer.state_dict()["state"].keys()
+    for index, entry in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(back["state"][index][key], value) for key, value in entry.items())
+
+    tx = jax_impl.adamw(1e-2, weight_decay=0.1, amsgrad=amsgrad, torch_layout=convert.torch_layout(model, layers))
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    for t in range(k, 2 * k):
+        with torch.no_grad():
+            for name, value in convert.params_to_torch(params, layers, trainable).items():
+                model.get_parameter(name).copy_(value)
+        shared_gradient(model, t)
+        grads = convert.params_to_flax({n: named[n].grad for n in trainable}, layers)
+        params, state = step(jax.tree.map(jnp.asarray, grads), state, params)
+    for name, value in convert.params_to_torch(params, layers, trainable).items():
+        assert torch.equal(value, never_switched[name]), name
+    assert torch.equal(named["bn.weight"].detach(), never_switched["bn.weight"])  # never stepped, either run
+
+    resumed = type(optimizer)(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+    resumed.load_state_dict(convert.jax_optimizer_to_torch(state, layers, names, optimizer.state_dict()["param_groups"]))
+    assert names.index("bn.weight") not in resumed.state_dict()["state"]
+    assert int(resumed.state_dict()["state"][0]["step"]) == 2 * k
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -208,13 +208,14 @@ def test_torch_layout_state_works_with_nnx_optimizers_and_state_load_is_atomic()
     names = convert.param_names(torch_model, torch_optimizer)
     state = convert.torch_optimizer_to_jax(torch_optimizer.state_dict(), layers, names)
     convert.load_nnx_optimizer_state(optimizer, state)
-    assert int(optimizer.step.get_value()) == 2 and int(optimizer.opt_state.count.get_value()) == 2
+    assert int(optimizer.step.get_value()) == 2 and int(optimizer.opt_state[0].count.get_value()) == 2
     before = nnx.to_pure_dict(nnx.state(optimizer))
     # exp_avg is valid (zeros) and comes first; exp_avg_sq has a wrong shape: nothing may be written
-    zeros = {layer: {leaf: np.zeros_like(v) for leaf, v in leaves.items()} for layer, leaves in state.exp_avg.items()}
-    wrong = {**state.exp_avg_sq, "head": {"kernel": np.zeros((1, 1), np.float32),
-                                          "bias": state.exp_avg_sq["head"]["bias"]}}
-    zeroed = state._replace(exp_avg=zeros, exp_avg_sq=wrong)
+    view = jax_impl.torch_view(state)  # load_nnx_optimizer_state takes the torch-named view too
+    zeros = {layer: {leaf: np.zeros_like(v) for leaf, v in leaves.items()} for layer, leaves in view.exp_avg.items()}
+    wrong = {**view.exp_avg_sq, "head": {"kernel": np.zeros((1, 1), np.float32),
+                                         "bias": view.exp_avg_sq["head"]["bias"]}}
+    zeroed = view._replace(exp_avg=zeros, exp_avg_sq=wrong)
     with pytest.raises(ConversionError, match=r"exp_avg_sq: head/kernel converts to shape \(1, 1\)"):
         convert.load_nnx_optimizer_state(optimizer, zeroed)
     after = nnx.to_pure_dict(nnx.state(optimizer))
