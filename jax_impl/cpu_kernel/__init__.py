@@ -129,8 +129,10 @@ def _mkl() -> ctypes.CDLL | None:
 
 
 def sqrt_source() -> str:
-    """The float32/float64 sqrt of the loop paths: ``"mkl 2024.2.2"`` (MKL's, torch's), or ``"correctly rounded"``."""
-    if not available() or _mkl() is None:
+    """The float32/float64 sqrt of jax_impl's loop paths: ``"mkl 2024.2.2"`` (MKL's, as torch's CPU
+    ``Tensor.sqrt``), or ``"correctly rounded"`` (no libmkl_rt found, no kernel built, or not a single CPU
+    device: the custom call has no sharding rule, so several devices keep ``jnp.sqrt``)."""
+    if not available() or _mkl() is None or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return CORRECTLY_ROUNDED
     text = ctypes.create_string_buffer(256)
     _mkl().mkl_get_version_string(text, len(text))  # "Intel(R) oneAPI Math Kernel Library Version 2024.2.2-Product ..."
@@ -140,10 +142,9 @@ def sqrt_source() -> str:
 
 def vml_sqrt(x: jax.Array) -> jax.Array:
     """torch's CPU ``Tensor.sqrt`` of a float32/float64 array: MKL's where :func:`sqrt_source` names it, else
-    ``jnp.sqrt`` (also on other backends and across devices, where the custom call cannot go)."""
+    ``jnp.sqrt``."""
     x = jnp.asarray(x)
-    if (x.dtype not in (jnp.float32, jnp.float64) or sqrt_source() == CORRECTLY_ROUNDED
-            or jax.default_backend() != "cpu" or jax.device_count() != 1):
+    if x.dtype not in (jnp.float32, jnp.float64) or sqrt_source() == CORRECTLY_ROUNDED:
         return jnp.sqrt(x)
     return jax.ffi.ffi_call("jax_impl_vml_sqrt", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(x)

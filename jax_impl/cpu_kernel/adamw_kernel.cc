@@ -128,7 +128,7 @@ inline float Moments(float g, float& m, float& v, float* vmax, const Options o) 
   return mx;
 }
 
-// The new param from the decayed-to-be param, the new exp_avg and sqrt(v) (nz: NegZero of the gradient).
+// The new param from the param before its decay, the new exp_avg and sqrt(v) (nz: NegZero of the gradient).
 template <bool kDecay>
 inline void Param(float& p, float m, float root, float nz, const Scalars s, const Options o) {
   if (kDecay) p = p * s.decay + nz;
@@ -147,8 +147,8 @@ inline void Element(float& p, float g, float& m, float& v, float* vmax, const Sc
 // (kWriteUpdate), or nothing (kMomentsOnly: p_in unused, the param left to XLA).
 enum Mode { kInPlace = 0, kWriteUpdate = 1, kMomentsOnly = 2 };
 
-// With MKL's sqrt (kVml; the loop paths, no tail): per block, the moments and the sqrt's inputs, one
-// vmsSqrt over them, then the params.
+// With MKL's sqrt (the loop paths, which have no tail): per block of kVmlBlock elements, the moments and
+// the sqrt's inputs, one vmsSqrt over them in place, then the params.
 template <bool kAmsgrad, int kMode, bool kMaximize, bool kDecay, bool kLerpSmall>
 void VmlLoop(float* __restrict p_in, float* __restrict out, const float* __restrict g, float* __restrict m,
              float* __restrict v, float* __restrict vmax, const Scalars s, const Options o, int64_t begin,
