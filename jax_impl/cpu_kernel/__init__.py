@@ -8,8 +8,8 @@ is available :func:`available` is False and ``jax_impl.adamw`` uses its XLA path
 
 torch's CPU ``Tensor.sqrt`` in float32/float64 (its for-loop and foreach AdamW
 paths) is MKL's ``vmsSqrt``/``vmdSqrt`` (``VML_HA``), not correctly rounded.
-Where ``libmkl_rt`` is found (the ``mkl`` package, ``pip install
-adamw-crosscheck[mkl]``, or the path in ``$JAX_IMPL_MKL``) the kernel hands
+Where ``libmkl_rt`` is found (the ``mkl`` package, the ``mkl`` extra, or
+the path in ``$JAX_IMPL_MKL``; ``JAX_IMPL_MKL=0``: never) the kernel hands
 those paths' sqrt to it, and :func:`vml_sqrt` gives XLA's graphs the same one;
 elsewhere both are the correctly rounded sqrt.  :func:`sqrt_source` says which.
 """

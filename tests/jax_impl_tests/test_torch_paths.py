@@ -38,7 +38,7 @@ STEPS = 100
 FOREACH_OPTIONS = ["default", "weight_decay=0.1", "amsgrad+maximize+mask"]
 # jax_impl's float32/float64 loop-path sqrt: torch's (MKL's), or the correctly rounded one where MKL is not found.
 MKL_SQRT = cpu_kernel.sqrt_source() != cpu_kernel.CORRECTLY_ROUNDED
-needs_mkl = pytest.mark.skipif(not MKL_SQRT, reason="no libmkl_rt found (pip install adamw-crosscheck[mkl], or "
+needs_mkl = pytest.mark.skipif(not MKL_SQRT, reason="no libmkl_rt found (pip install -e \".[mkl]\", or "
                                "JAX_IMPL_MKL=/path/to/libmkl_rt.so.2): jax_impl's sqrt is the correctly rounded one")
 
 
