@@ -227,10 +227,11 @@ def adamw(
         time, each rounding to the param dtype (bfloat16/float16 after every
         op); foreach differs from the for-loop only for bfloat16/float16, where
         it rounds the decay factor and ``b2`` to the param dtype.  Bitwise for
-        bfloat16 and float16; for float32 and float64 every op but one is
-        bitwise: torch's CPU ``sqrt`` is MKL's, not correctly rounded (±1 ulp in
-        17% of float32 values), which this cannot reproduce (docs/exactness.md
-        measures the drift).  ``torch_layout`` and ``scalar_tail`` concern the
+        bfloat16 and float16; for float32 and float64 too where MKL is found
+        (torch's CPU ``sqrt`` is MKL's, not correctly rounded: the ``mkl``
+        extra, ``jax_impl.cpu_kernel.sqrt_source()``), else every op but the
+        sqrt (±1 ulp in 17% of float32 values; docs/exactness.md measures the
+        drift).  ``torch_layout`` and ``scalar_tail`` concern the
         fused kernel's tail and are ignored by the other paths; ``nesterov``
         needs ``"fused"``; with ``rounding="auto"`` the other paths take the CPU
         rounding on every backend.

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from jax_impl import bias_correction as bc
+from jax_impl import cpu_kernel
 from jax_impl._state import is_traced
 from jax_impl._x64 import x64_scope
 from jax_impl.schedules import TorchSchedule
@@ -441,7 +442,8 @@ def loop_leaf_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars: St
     The vector body and the scalar remainder of every op round alike, so
     there is no tail.  For float32 and float64 this is the fused kernel's
     vector formula, except for ``torch.sqrt``: MKL's ``vsSqrt``/``vdSqrt``
-    (``VML_HA``), which is not correctly rounded (docs/exactness.md measures it).
+    (``VML_HA``), not correctly rounded, which ``cpu_kernel.vml_sqrt`` calls
+    where MKL is found (``cpu_kernel.sqrt_source()``; docs/exactness.md).
     """
     dtype = param.dtype
     opmath = opmath_dtype(dtype)
@@ -485,6 +487,8 @@ def loop_new_param(param, m, v, vmax, scalars: StepScalars, *, eps, decay, decay
         else:
             p = stored(p - scalars.lr_wd * p)
     v_hat = vmax.astype(opmath) if amsgrad else v
-    denom = stored(stored(jnp.sqrt(v_hat)) / (scalars.bias_correction2_sqrt + neg_zero))
+    # torch's float32/float64 Tensor.sqrt is MKL's (cpu_kernel.vml_sqrt); half types round a correct float32 one.
+    root = cpu_kernel.vml_sqrt(v_hat) if jnp.dtype(dtype) == opmath else jnp.sqrt(v_hat)
+    denom = stored(stored(root) / (scalars.bias_correction2_sqrt + neg_zero))
     denom = stored(denom + stored(jnp.asarray(_as_scalar(eps, opmath))))
     return stored(p + (scalars.step_size_neg * m) / denom).astype(dtype)

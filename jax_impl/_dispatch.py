@@ -6,13 +6,15 @@ Shared by optax's ``update`` (which wants updates) and :func:`jax_impl.apply_exa
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jax_impl import cpu_kernel, cuda_rounding
-from jax_impl._cpu_rounding import (leaf_step, loop_leaf_step, nesterov_scalars,
+from jax_impl._cpu_rounding import (leaf_step, loop_leaf_step, loop_new_param, nesterov_scalars,
                                     new_param, opmath_dtype, resolve_tails,
                                     step_scalars)
 from jax_impl._state import AdamWState, check_grads, is_traced, resolve_mask
@@ -106,11 +108,13 @@ def adamw_step(grads, state: AdamWState, params, *, learning_rate, b1, b2, eps, 
             out = cpu_kernel.step(leaves,
                                   jnp.stack([scalars.decay, scalars.step_size_neg, scalars.bias_correction2_sqrt]),
                                   [tails[i] for i in indices], b1=b1, b2=b2, eps=eps, maximize=maximize,
-                                  decay=decay, amsgrad=amsgrad, mode=mode)
+                                  decay=decay, amsgrad=amsgrad, mode=mode, torch_sqrt=loop_path)
             for i, (new_p, *moments) in zip(indices, out):
                 if mode == "moments":  # the param from the new moments, in XLA's pass with the caller's apply_updates
-                    new_p = new_param(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
-                                      decay_rounding=decay_rounding, amsgrad=amsgrad)
+                    param_from_moments = functools.partial(loop_new_param, torch_path=torch_path) if loop_path \
+                        else new_param
+                    new_p = param_from_moments(param_leaves[i], *moments, scalars, eps=eps, decay=decay,
+                                               decay_rounding=decay_rounding, amsgrad=amsgrad)
                 results[i] = (new_p, *moments)
     if delta is not None:
         # The kernel's "update" leaves hold their updates already (float32, as

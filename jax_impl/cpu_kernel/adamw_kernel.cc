@@ -21,6 +21,14 @@
 // (none for torch's for-loop and foreach paths, whose ops round alike in their
 // vector body and remainder: for float32 they are this formula without a tail).
 //
+// torch's Tensor.sqrt (its for-loop and foreach paths, float32) is MKL's
+// vector sqrt, vmsSqrt(VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE), not the
+// correctly rounded one (±1 ulp in 17% of inputs).  Where Python found MKL it
+// hands over vmsSqrt/vmdSqrt (JaxImplSetVmlSqrt) and the attribute "vml_sqrt"
+// routes the loop paths' sqrt through it, in blocks of kVmlBlock elements:
+// torch's result for every element at any offset and length (measured).  The
+// target jax_impl_vml_sqrt is the same sqrt for XLA's graphs (float32/float64).
+//
 // Subnormals: XLA's threads run with flush-to-zero and denormals-are-zero set;
 // torch keeps subnormals.  Every thread clears both for its own work and
 // restores its floating-point environment afterwards (KeepSubnormals).
@@ -30,6 +38,7 @@
 #include <cmath>
 #include <memory>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -71,6 +80,14 @@ class KeepSubnormals {
 constexpr int64_t kParallelMin = int64_t{1} << 17;  // fewer elements in all: one thread
 constexpr int64_t kChunk = int64_t{1} << 16;        // elements per work item
 
+// MKL's vmsSqrt/vmdSqrt (LP64: MKL_INT is int32) and the mode ATen calls them with (aten/src/ATen/cpu/vml.h).
+using VmsSqrt = void (*)(int32_t n, const float* a, float* r, long long mode);
+using VmdSqrt = void (*)(int32_t n, const double* a, double* r, long long mode);
+constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+std::atomic<VmsSqrt> vms_sqrt{nullptr};
+std::atomic<VmdSqrt> vmd_sqrt{nullptr};
+constexpr int64_t kVmlBlock = 512;  // elements per vmsSqrt call in the step: a stack buffer, in L1
+
 struct Options {
   float b2, coefficient2, weight, eps;  // weight: float32(1 - b1); coefficient2: float32(1 - b2)
   bool maximize, decay, lerp_small;
@@ -90,11 +107,11 @@ struct Scalars {
   float decay, step_size_neg, bias_correction2_sqrt;
 };
 
-template <bool kTail, bool kAmsgrad, bool kMaximize, bool kDecay, bool kLerpSmall>
-inline void Element(float& p, float g, float& m, float& v, float* vmax, const Scalars s, const Options o) {
+// The new moments of one element; returns the v that goes under the sqrt (max_exp_avg_sq with amsgrad).
+template <bool kTail, bool kAmsgrad, bool kMaximize, bool kLerpSmall>
+inline float Moments(float g, float& m, float& v, float* vmax, const Options o) {
   if (kMaximize) g = -g;
   const float nz = NegZero(g);
-  if (kDecay) p = p * s.decay + nz;
   const float diff = g - m;
   m = kLerpSmall ? std::fma(o.weight, diff, m) : std::fma(o.weight - 1.0f, diff, g);
   const float cg = o.coefficient2 * g;
@@ -103,16 +120,26 @@ inline void Element(float& p, float g, float& m, float& v, float* vmax, const Sc
   } else {
     v = std::fma(cg, g, o.b2 * v + nz);
   }
-  float v_denom = v;
-  if (kAmsgrad) {
-    const float old = *vmax;
-    // The vector path's maximum propagates NaN; the tail keeps the old value.
-    const float mx = kTail ? (old < v ? v : old) : (old != old ? old : (v != v ? v : (old < v ? v : old)));
-    *vmax = mx;
-    v_denom = mx;
-  }
-  const float denom = std::sqrt(v_denom) / (s.bias_correction2_sqrt + nz) + o.eps;
+  if (!kAmsgrad) return v;
+  const float old = *vmax;
+  // The vector path's maximum propagates NaN; the tail keeps the old value.
+  const float mx = kTail ? (old < v ? v : old) : (old != old ? old : (v != v ? v : (old < v ? v : old)));
+  *vmax = mx;
+  return mx;
+}
+
+// The new param from the param before its decay, the new exp_avg and sqrt(v) (nz: NegZero of the gradient).
+template <bool kDecay>
+inline void Param(float& p, float m, float root, float nz, const Scalars s, const Options o) {
+  if (kDecay) p = p * s.decay + nz;
+  const float denom = root / (s.bias_correction2_sqrt + nz) + o.eps;
   p = p + (s.step_size_neg * m) / denom;
+}
+
+template <bool kTail, bool kAmsgrad, bool kMaximize, bool kDecay, bool kLerpSmall>
+inline void Element(float& p, float g, float& m, float& v, float* vmax, const Scalars s, const Options o) {
+  const float v_denom = Moments<kTail, kAmsgrad, kMaximize, kLerpSmall>(g, m, v, vmax, o);
+  Param<kDecay>(p, m, std::sqrt(v_denom), NegZero(kMaximize ? -g : g), s, o);
 }
 
 // What a step writes besides the moments: the new param in place of the old
@@ -120,10 +147,43 @@ inline void Element(float& p, float g, float& m, float& v, float* vmax, const Sc
 // (kWriteUpdate), or nothing (kMomentsOnly: p_in unused, the param left to XLA).
 enum Mode { kInPlace = 0, kWriteUpdate = 1, kMomentsOnly = 2 };
 
+// With MKL's sqrt (the loop paths, which have no tail): per block of kVmlBlock elements, the moments and
+// the sqrt's inputs, one vmsSqrt over them in place, then the params.
+template <bool kAmsgrad, int kMode, bool kMaximize, bool kDecay, bool kLerpSmall>
+void VmlLoop(float* __restrict p_in, float* __restrict out, const float* __restrict g, float* __restrict m,
+             float* __restrict v, float* __restrict vmax, const Scalars s, const Options o, int64_t begin,
+             int64_t end, VmsSqrt sqrt_block) {
+  float root[kVmlBlock];
+  for (int64_t b = begin; b < end; b += kVmlBlock) {
+    const int64_t n = std::min(kVmlBlock, end - b);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = b + k;
+      root[k] = Moments<false, kAmsgrad, kMaximize, kLerpSmall>(g[i], m[i], v[i], kAmsgrad ? vmax + i : nullptr, o);
+    }
+    sqrt_block(static_cast<int32_t>(n), root, root, kVmlMode);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = b + k;
+      const float nz = NegZero(kMaximize ? -g[i] : g[i]);
+      if (kMode == kWriteUpdate) {
+        float p = p_in[i];
+        Param<kDecay>(p, m[i], root[k], nz, s, o);
+        out[i] = p == p_in[i] ? 0.0f : p - p_in[i];  // as Loop's
+      } else {
+        Param<kDecay>(p_in[i], m[i], root[k], nz, s, o);
+      }
+    }
+  }
+}
+
 template <bool kTail, bool kAmsgrad, int kMode, bool kMaximize, bool kDecay, bool kLerpSmall>
 void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict g, float* __restrict m,
           float* __restrict v, float* __restrict vmax, const Scalars s, const Options o, int64_t begin,
-          int64_t end) {
+          int64_t end, VmsSqrt sqrt_block) {
+  if (!kTail && kMode != kMomentsOnly && sqrt_block != nullptr) {
+    VmlLoop<kAmsgrad, kMode, kMaximize, kDecay, kLerpSmall>(p_in, out, g, m, v, vmax, s, o, begin, end,
+                                                             sqrt_block);
+    return;
+  }
   for (int64_t i = begin; i < end; ++i) {
     if (kMode == kMomentsOnly) {
       float p = 0.0f;  // computed and dropped: the compiler removes the param's arithmetic
@@ -146,8 +206,9 @@ void Loop(float* __restrict p_in, float* __restrict out, const float* __restrict
 // Instantiates the loop for the runtime flags, so each variant vectorizes without branches.
 template <bool kTail, bool kAmsgrad, int kMode>
 void Range(float* p, float* out, const float* g, float* m, float* v, float* vmax, const Scalars s,
-           const Options o, int64_t begin, int64_t end) {
-#define JAX_IMPL_LOOP(a, b, c) Loop<kTail, kAmsgrad, kMode, a, b, c>(p, out, g, m, v, vmax, s, o, begin, end)
+           const Options o, int64_t begin, int64_t end, VmsSqrt sqrt_block = nullptr) {
+#define JAX_IMPL_LOOP(a, b, c) \
+  Loop<kTail, kAmsgrad, kMode, a, b, c>(p, out, g, m, v, vmax, s, o, begin, end, sqrt_block)
   const int flags = (o.maximize ? 4 : 0) | (o.decay ? 2 : 0) | (o.lerp_small ? 1 : 0);
   switch (flags) {
     case 0: JAX_IMPL_LOOP(false, false, false); break;
@@ -178,7 +239,7 @@ struct Item {
 
 template <bool kAmsgrad, int kMode>
 void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int64_t* tail_offsets,
-          const int64_t* tails, ffi::ThreadPool* pool) {
+          const int64_t* tails, ffi::ThreadPool* pool, VmsSqrt sqrt_block) {
   // The tails' inputs, before the vector pass overwrites them.
   const int64_t tail_count = tail_offsets[leaves.size()];
   std::vector<float> saved(4 * tail_count);
@@ -208,13 +269,13 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
     }
   }
   const int64_t items = static_cast<int64_t>(shared->items.size());
-  auto work = [shared, s, o, items]() {
+  auto work = [shared, s, o, items, sqrt_block]() {
     KeepSubnormals keep;  // this thread's environment, for this work only
     for (int64_t c; (c = shared->next.fetch_add(1)) < items;) {
       const Item& item = shared->items[c];
       const Leaf& leaf = shared->leaves[item.leaf];
       Range<false, kAmsgrad, kMode>(leaf.p, leaf.out, leaf.g, leaf.m, leaf.v, leaf.x, s, o, item.begin,
-                                      item.end);
+                                      item.end, sqrt_block);
       shared->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -247,8 +308,12 @@ void Step(std::vector<Leaf> leaves, const Scalars s, const Options o, const int6
 // all but the update).
 ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args,
                      ffi::RemainingRets rets, float weight, float b2, float coefficient2, float eps, bool maximize,
-                     bool decay, bool amsgrad, int32_t mode, ffi::Span<const int64_t> tail_offsets,
+                     bool decay, bool amsgrad, int32_t mode, bool vml_sqrt, ffi::Span<const int64_t> tail_offsets,
                      ffi::Span<const int64_t> tails) {
+  const VmsSqrt sqrt_block = vml_sqrt ? vms_sqrt.load() : nullptr;
+  if (vml_sqrt && sqrt_block == nullptr) {
+    return ffi::Error::InvalidArgument("jax_impl_adamw: vml_sqrt without MKL's vmsSqrt (JaxImplSetVmlSqrt)");
+  }
   if (mode != kInPlace && mode != kWriteUpdate && mode != kMomentsOnly) {
     return ffi::Error::InvalidArgument("jax_impl_adamw: unknown mode");
   }
@@ -287,7 +352,7 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
   const Options o = MakeOptions(weight, b2, coefficient2, eps, maximize, decay);
   const Scalars s{scalars.typed_data()[0], scalars.typed_data()[1], scalars.typed_data()[2]};
   const int64_t* offsets = tail_offsets.begin();
-#define JAX_IMPL_STEP(a, m) Step<a, m>(std::move(leaves), s, o, offsets, tails.begin(), &pool)
+#define JAX_IMPL_STEP(a, m) Step<a, m>(std::move(leaves), s, o, offsets, tails.begin(), &pool, sqrt_block)
   if (amsgrad) {
     if (mode == kInPlace) JAX_IMPL_STEP(true, kInPlace);
     else if (mode == kWriteUpdate) JAX_IMPL_STEP(true, kWriteUpdate);
@@ -301,7 +366,43 @@ ffi::Error AdamWImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::R
   return ffi::Error::Success();
 }
 
+// torch's CPU Tensor.sqrt for float32/float64 (MKL's, as ATen calls it), elementwise, for XLA's graphs.
+ffi::Error VmlSqrtImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  const int64_t n = static_cast<int64_t>(x.element_count());
+  constexpr int64_t kMax = int64_t{1} << 30;  // below MKL_INT's limit
+  KeepSubnormals keep;
+  if (x.element_type() == ffi::F32) {
+    const VmsSqrt f = vms_sqrt.load();
+    if (f == nullptr) return ffi::Error::InvalidArgument("jax_impl_vml_sqrt: MKL's vmsSqrt is not loaded");
+    const float* a = static_cast<const float*>(x.untyped_data());
+    float* r = static_cast<float*>(y->untyped_data());
+    for (int64_t b = 0; b < n; b += kMax) f(static_cast<int32_t>(std::min(kMax, n - b)), a + b, r + b, kVmlMode);
+  } else if (x.element_type() == ffi::F64) {
+    const VmdSqrt f = vmd_sqrt.load();
+    if (f == nullptr) return ffi::Error::InvalidArgument("jax_impl_vml_sqrt: MKL's vmdSqrt is not loaded");
+    const double* a = static_cast<const double*>(x.untyped_data());
+    double* r = static_cast<double*>(y->untyped_data());
+    for (int64_t b = 0; b < n; b += kMax) f(static_cast<int32_t>(std::min(kMax, n - b)), a + b, r + b, kVmlMode);
+  } else {
+    return ffi::Error::InvalidArgument("jax_impl_vml_sqrt: float32 or float64 only");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// Python hands over MKL's vmsSqrt and vmdSqrt (addresses from ctypes), or nullptrs to go back to std::sqrt.
+extern "C" void JaxImplSetVmlSqrt(void* vms, void* vmd) {
+  VmsSqrt s = nullptr;
+  VmdSqrt d = nullptr;
+  std::memcpy(&s, &vms, sizeof s);
+  std::memcpy(&d, &vmd, sizeof d);
+  vms_sqrt.store(s);
+  vmd_sqrt.store(d);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxImplVmlSqrt, VmlSqrtImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxImplAdamW, AdamWImpl,
                               ffi::Ffi::Bind()
@@ -317,5 +418,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxImplAdamW, AdamWImpl,
                                   .Attr<bool>("decay")
                                   .Attr<bool>("amsgrad")
                                   .Attr<int32_t>("mode")
+                                  .Attr<bool>("vml_sqrt")
                                   .Attr<ffi::Span<const int64_t>>("tail_offsets")
                                   .Attr<ffi::Span<const int64_t>>("tails"));

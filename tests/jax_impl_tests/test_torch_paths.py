@@ -3,16 +3,21 @@
 torch's for-loop (``_single_tensor_adam``, the CPU default) and foreach paths
 run one ATen op at a time; jax_impl models each op's rounding
 (``jax_impl._cpu_rounding.loop_leaf_step``).  bfloat16 and float16 are bitwise.
-For float32 and float64 one op is out of reach: ``torch.sqrt`` on the CPU is
-MKL's vector sqrt (``VML_HA``), not correctly rounded, so those tests swap in
-a correctly rounded sqrt on the torch side (:func:`correctly_rounded_sqrt`),
-which proves every other op bitwise; ``test_float32_sqrt_drift_is_bounded``
-measures what MKL's sqrt leaves.
+For float32 and float64 ``torch.sqrt`` on the CPU is MKL's vector sqrt
+(``VML_HA``), not correctly rounded: where jax_impl found MKL too
+(``jax_impl.cpu_kernel.sqrt_source()``) it calls the same one and the
+``*_with_mkl_sqrt`` tests compare with torch as it is; without MKL the
+``*_but_for_mkl_sqrt`` tests swap a correctly rounded sqrt into torch
+(:func:`correctly_rounded_sqrt`), which proves every other op bitwise, and
+``test_float32_sqrt_drift_is_bounded`` measures what MKL's sqrt leaves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,7 @@ import pytest
 import torch
 
 import jax_impl
+from jax_impl import cpu_kernel
 from crosscheck.trajectory import implementations, sources
 from crosscheck.trajectory.implementations import Hyper, JaxRunner, TorchRunner, torch_path_of
 from helpers import OPTIONS, compare, initial_params
@@ -30,6 +36,10 @@ PATHS = ("for-loop", "foreach")
 STEPS = 100
 # foreach differs from the for-loop only in two scalars (rounded to bfloat16/float16): fewer options suffice.
 FOREACH_OPTIONS = ["default", "weight_decay=0.1", "amsgrad+maximize+mask"]
+# jax_impl's float32/float64 loop-path sqrt: torch's (MKL's), or the correctly rounded one where MKL is not found.
+MKL_SQRT = cpu_kernel.sqrt_source() != cpu_kernel.CORRECTLY_ROUNDED
+needs_mkl = pytest.mark.skipif(not MKL_SQRT, reason="no libmkl_rt found (pip install -e \".[mkl]\", or "
+                               "JAX_IMPL_MKL=/path/to/libmkl_rt.so.2): jax_impl's sqrt is the correctly rounded one")
 
 
 @contextlib.contextmanager
@@ -50,7 +60,11 @@ def correctly_rounded_sqrt():
 
 
 def run(path, hyper, steps=STEPS, *, kernel="auto", grads="gaussian", exact_sqrt=False, check_every=50, seed=0):
-    """jax_impl(torch_path=path) and torch.optim.AdamW on ``path`` with the same gradients; the mismatches."""
+    """jax_impl(torch_path=path) and torch.optim.AdamW on ``path`` with the same gradients; the mismatches.
+
+    ``exact_sqrt``: torch's sqrt made correctly rounded where jax_impl's is (no MKL found); with MKL both are MKL's.
+    """
+    exact_sqrt = exact_sqrt and not MKL_SQRT
     params = initial_params(seed=seed)
     ours = JaxRunner(f"jax_impl({path})", hyper, params, kind="exact", torch_path=path, kernel=kernel)
     theirs = TorchRunner(f"torch.AdamW({path})", hyper, params, cls=torch.optim.AdamW, path=path)
@@ -133,6 +147,67 @@ def test_foreach_rounds_its_scalars_to_the_param_dtype():
         assert not run(path, hyper, steps=20), path
 
 
+@pytest.mark.parametrize("path, option", _path_options(OPTIONS, fast=("default", "amsgrad+maximize+mask")))
+@needs_mkl
+def test_float32_bitwise_with_mkl_sqrt(path, option):
+    """torch's own sqrt, unpatched: jax_impl's (the C++ kernel's blocks through vmsSqrt) is the same, 200 steps."""
+    mismatches = run(path, Hyper(**OPTIONS[option]), steps=200, check_every=100)
+    assert not mismatches, mismatches[0]
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype, wrapped", [("float32", False), ("float32", True), ("float64", False)])
+def test_large_leaf_bitwise_with_mkl_sqrt(x64, dtype, wrapped):
+    """float32: a leaf the kernel splits over threads and 512-element sqrt blocks (300,007 elements, amsgrad,
+    decay), in place; and inside optax.chain, where the kernel writes only the moments and XLA the param, through
+    apply_exact's recomputation with MKL's sqrt.  float64 (XLA's ops): 1.3% of its sqrts are MKL's own."""
+    rng = np.random.default_rng(0)
+    value, grads = rng.standard_normal(300_007), [rng.standard_normal(300_007) for _ in range(5)]
+    tparam = torch.tensor(value, dtype=getattr(torch, dtype), requires_grad=True)
+    optimizer = torch.optim.AdamW([tparam], lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False)
+    adamw = jax_impl.adamw(1e-2, weight_decay=0.1, amsgrad=True, torch_path="for-loop")
+    tx = optax.chain(optax.identity(), adamw) if wrapped else adamw
+    params = [jnp.asarray(value, dtype)]
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: jax_impl.apply_exact(tx, g, s, p))
+    for t, g in enumerate(grads):
+        tparam.grad = torch.tensor(g, dtype=tparam.dtype)
+        optimizer.step()
+        params, state = step([jnp.asarray(g, dtype)], state, params)
+        np.testing.assert_array_equal(np.asarray(params[0]), tparam.detach().numpy(), err_msg=f"step {t + 1}")
+
+
+@needs_mkl
+def test_float32_xla_path_bitwise_with_mkl_sqrt():
+    """XLA's ops with the custom call jax_impl_vml_sqrt in place of jnp.sqrt."""
+    assert not run("for-loop", Hyper(amsgrad=True), kernel="xla")
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype, bits", [(np.float32, np.uint32), (np.float64, np.uint64)])
+def test_vml_sqrt_is_torchs_sqrt(x64, dtype, bits):
+    """Every element at any offset and length (VML's result does not depend on them), subnormals, inf, nan."""
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, np.iinfo(bits).max, 1 << 14, dtype=bits, endpoint=True) >> bits(1)).view(dtype)
+    x[:4] = [0.0, np.inf, np.nan, np.finfo(dtype).smallest_subnormal]
+    want = torch.from_numpy(x).sqrt().numpy().view(bits)
+    for start, stop in ((0, x.size), (3, 3 + 37), (1, x.size - 5)):
+        got = np.asarray(jax.jit(cpu_kernel.vml_sqrt)(x[start:stop])).view(bits)
+        np.testing.assert_array_equal(got, want[start:stop], err_msg=f"{dtype.__name__} [{start}:{stop}]")
+    with np.errstate(invalid="ignore"):
+        assert np.sum(want != np.sqrt(x).view(bits)) > 0  # the correctly rounded sqrt would not pass
+
+
+def test_mkl_env_var_turns_mkl_off():
+    """``JAX_IMPL_MKL=0``: the correctly rounded sqrt, whatever is installed (a fresh process: the choice is made
+    once, when the kernel loads)."""
+    code = "from jax_impl import cpu_kernel; print(cpu_kernel.sqrt_source())"
+    env = {**os.environ, cpu_kernel.MKL_ENV: "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == cpu_kernel.CORRECTLY_ROUNDED, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(MKL_SQRT, reason="measures the correctly rounded fallback; jax_impl found MKL")
 def test_float32_sqrt_drift_is_bounded():
     """MKL's sqrt is within 1 ulp of the correctly rounded one (±1 ulp in 17% of float32 values, 0.75 ulp
     max error); through the denominator that moves a param by about one ulp of its step.  Measured on this
