@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -13,6 +15,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=600, cwd=ROOT)
 
 
+@pytest.mark.slow   # ~30 s: every implementation, compiled in a fresh process
 def test_step_time_smoke(tmp_path):
     done = _run("step_time.py", "--sizes", "2000", "--repeats", "3", "--no-progress", "--out", str(tmp_path),
                 "--impls", "jax_impl.adamw,jax_impl.adamw[xla],optax.adamw,torch.optim.AdamW(fused),"
@@ -27,6 +30,7 @@ def test_step_time_smoke(tmp_path):
     assert _run("step_time.py", "--layouts", "one,tree").returncode == 2
 
 
+@pytest.mark.slow
 def test_step_time_flax_rows_smoke(tmp_path):
     """The Flax containers' rows (nnx.Optimizer, ExactOptimizer, TrainState) on the 16-layer layout, one size."""
     flax_rows = ["nnx.Optimizer(jax_impl.adamw) [nnx.jit]", "nnx.Optimizer(jax_impl.adamw) [split]",

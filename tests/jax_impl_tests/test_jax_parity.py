@@ -12,7 +12,9 @@ from crosscheck.trajectory import sources
 from crosscheck.trajectory.implementations import Hyper
 from helpers import OPTIONS, run_pair
 
-STEPS = 1000
+# 300 steps show every rounding difference of the step (they appear in the first steps and persist);
+# the slow tests below run 10,000 steps, past where the bias-correction tables matter.
+STEPS = 300
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -60,13 +62,14 @@ def test_schedule_float32_gap_is_bounded():
     from helpers import initial_params
     import numpy as np
 
-    hyper = Hyper(schedule=sources.CosineSchedule(1e-3, STEPS))
+    steps = 1000   # the length the bound was measured at
+    hyper = Hyper(schedule=sources.CosineSchedule(1e-3, steps))
     params = initial_params()
     a = implementations.make("jax_impl", hyper, params)
     b = implementations.make("torch.AdamW(fused)", hyper, params)
     source = sources.synthetic("gaussian")
     worst = 0.0
-    for t in range(STEPS):
+    for t in range(steps):
         g = source(t, params)
         a.step(g)
         b.step(g)

@@ -176,6 +176,7 @@ def test_short_shared_grads_run_is_bitwise(data):
     assert result.logit_gap < 1e-5
 
 
+@pytest.mark.slow   # ~25 s: two independent trainings; the shared-gradient run stays in the default run
 def test_short_independent_run_stays_in_the_band(data):
     result = run(Config(mode="independent", max_steps=40, replicas=2), data, progress=False)
     print(result.checks)
