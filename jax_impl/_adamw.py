@@ -272,10 +272,19 @@ def adamw(
       Kingma & Ba, `Adam: A Method for Stochastic Optimization
       <https://arxiv.org/abs/1412.6980>`_, 2015.
     """
+    given = (learning_rate, b1, b2, eps, weight_decay)
     learning_rate, b1, b2, eps, weight_decay = (
         concrete_hyperparameter(value, name) for value, name in zip(
-            (learning_rate, b1, b2, eps, weight_decay), ("learning_rate", "b1", "b2", "eps", "weight_decay")))
-    validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
+            given, ("learning_rate", "b1", "b2", "eps", "weight_decay")))
+    try:
+        validate_hyperparameters(learning_rate, b1, b2, eps, weight_decay, decay_rounding)
+    except ValueError as error:
+        narrow = {str(v.dtype) for v in given if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)
+                  and jnp.finfo(v.dtype).bits < 32}
+        if narrow:  # optax.inject_hyperparams casts the hyperparameters to the params' dtype (0.999 -> 1.0 in bf16)
+            raise ValueError(f"{error}; the hyperparameters arrived as {', '.join(sorted(narrow))} arrays: give "
+                             "optax.inject_hyperparams hyperparam_dtype=jnp.float32") from None
+        raise
     if kernel not in KERNELS:
         raise ValueError(f"Invalid kernel: {kernel!r} (choose from {KERNELS})")
     cuda_rounding.check_rounding(rounding)

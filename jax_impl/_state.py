@@ -136,7 +136,7 @@ def concrete_hyperparameter(value, name: str = "hyperparameter"):
     if type(value) is complex or not isinstance(value, (np.ndarray, np.generic, jax.Array)):
         raise _not_a_real_number(name, value)
     array = np.asarray(value)
-    if array.dtype.kind not in "biufc":
+    if array.dtype.kind not in "biufc" and not jnp.issubdtype(array.dtype, jnp.floating):  # bfloat16 is kind "V"
         raise _not_a_real_number(name, value)
     if array.size != 1:  # torch: "Tensor lr must be 1-element"
         raise ValueError(f"{name} must be a single number, got an array of shape {array.shape}")

@@ -348,3 +348,19 @@ def test_inject_hyperparams_with_static_betas_keeps_the_cpu_kernel():
         tx = optax.inject_hyperparams(jax_impl.adamw, static_args=static)(learning_rate=1e-3, kernel="cpu")
         state = tx.init(params)
         assert jax.jit(tx.update).lower(params, state, params).as_text().count("jax_impl_adamw") == calls
+
+
+def test_inject_hyperparams_on_bfloat16_params():
+    # inject_hyperparams casts the hyperparameters to the params' dtype; NumPy files bfloat16 under
+    # dtype kind "V", which must still read as a real number.  In bfloat16 b2=0.999 is 1.0, which
+    # torch refuses: the error says why and what to pass; with float32 hyperparameters it runs.
+    params = {"w": jnp.linspace(-1, 1, 7, dtype=jnp.bfloat16)}
+    grads = jax.tree.map(lambda p: p * 0.5, params)
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1\.0.*bfloat16 arrays.*hyperparam_dtype"):
+        tx = optax.inject_hyperparams(jax_impl.adamw)(learning_rate=1e-2)
+        tx.update(grads, tx.init(params), params)
+    tx = optax.inject_hyperparams(jax_impl.adamw, hyperparam_dtype=jnp.float32)(learning_rate=1e-2)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr = float(jnp.asarray(1e-2, jnp.float32))
+    reference, _ = jax_impl.adamw(lr).update(grads, jax_impl.adamw(lr).init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, updates, reference)
