@@ -84,7 +84,7 @@ INSTALL_BLOCKS = (
     "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e . && "
     ".venv/bin/python -m crosscheck",
     "python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e \".[test]\" && "
-    ".venv/bin/python -m pytest",
+    ".venv/bin/python -m pytest -n auto --dist loadfile",
 )
 
 
@@ -398,7 +398,7 @@ def test_ci_runs_the_readme_test_command():
     extracted = subprocess.run(["bash", "-c", match.group("cmd")], cwd=REPO, capture_output=True, text=True,
                                check=True).stdout.strip()
     assert extracted == _readme_blocks()[1].code.strip() == INSTALL_BLOCKS[1]
-    assert extracted.endswith("-m pytest")
+    assert extracted.endswith("-m pytest -n auto --dist loadfile")
 
 
 @pytest.mark.slow
