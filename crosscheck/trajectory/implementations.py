@@ -199,7 +199,9 @@ class JaxRunner(Runner):
         return [np.asarray(p) for p in self.leaves]
 
     def _moment_trees(self):
-        view = jax_impl.torch_view(self.state)  # optax.adamw's tree and ours are the same layout
+        # optax.adamw's tree and ours are the same layout; maximize puts optax's inside a chain.
+        moments = next(s for s in jax.tree.leaves(self.state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu"))
+        view = jax_impl.torch_view(moments)
         return view.exp_avg, view.exp_avg_sq
 
     def moments(self):

@@ -74,3 +74,17 @@ def test_bad_usage_exits_2(argv, tmp_path):
 def test_invalid_hyperparameter_exits_2(tmp_path, capsys):
     assert cli.main(["trajectory", "--lr", "-1", "--out", str(tmp_path)]) == 2
     assert "Invalid learning rate: -1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", [c for c in __import__("crosscheck.trajectory.suite", fromlist=["SUITE"]).SUITE
+                                  if c.mode == "free"], ids=lambda c: c.name)
+def test_every_builtin_case_passes_a_short_run(case):
+    """Each case of `python -m crosscheck` with every default implementation, 12 steps: the runners'
+    state trees (optax's chain under maximize), and each loop model held to the torch path it copies."""
+    from dataclasses import replace
+
+    from crosscheck.trajectory import suite
+
+    result = suite.run_case(replace(case, steps=12), progress=False)
+    failing = {pair: row["why"] for pair, row in trajectory.summarize(result).items() if not row["pass"]}
+    assert not failing, failing
