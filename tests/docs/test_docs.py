@@ -364,6 +364,12 @@ def test_block(block: Block, pages, shim_bin):
         page.done[block.index] = None
         return
     if block.lang in SHELL:
+        # The page's files (``file`` blocks) a command may use, also when those blocks were deselected
+        # (`-m slow`) or ran in another worker.
+        for earlier in blocks_of(block.path)[:block.index]:
+            if earlier.lang in PYTHON and "file" in earlier.directives and earlier.index not in page.done:
+                _run_python(earlier, page)
+                page.done[earlier.index] = None
         _run_shell(block, page, shim_bin)
         return
     pytest.fail(f"{block.id}: fence language {block.lang!r} is not one of "
