@@ -36,6 +36,22 @@ def layouts(devices):
             "2-D mesh (fsdp x tp)": (grid, two_d)}
 
 
+def run_and_compare(label, step, put, grads_host, params, state, shardings, expected) -> list[str]:
+    """Steps ``params, state`` on the sharded gradients; what differs from the single-device ``expected``
+    (params and state, bit for bit) or left its sharding."""
+    failures = []
+    for grads in grads_host:
+        params, state = step(put(grads), params, state)
+    for leaf, x in params.items():
+        if not x.sharding.is_equivalent_to(shardings[leaf], x.ndim):
+            failures.append(f"{label}: params[{leaf}] came back as {x.sharding}")
+    got = jax.tree.map(np.asarray, (params, state))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
+        if a.tobytes() != b.tobytes():
+            failures.append(f"{label}: {jax.tree_util.keystr(path)} differs from the single-device step")
+    return failures
+
+
 def main() -> int:
     devices = jax.devices()
     assert len(devices) == 8, f"need 8 devices, have {len(devices)} (set XLA_FLAGS)"
@@ -78,15 +94,7 @@ def main() -> int:
             donated = len(jax.tree.leaves((state, params)))
             if aliased < donated - 1:  # the int32 count may be recomputed instead of aliased
                 failures.append(f"{label}: only {aliased} of {donated} donated buffers are reused")
-            for grads in grads_host:
-                params, state = step(put(grads), params, state)
-            for leaf, x in params.items():
-                if not x.sharding.is_equivalent_to(shardings[leaf], x.ndim):
-                    failures.append(f"{label}: params[{leaf}] came back as {x.sharding}")
-            got = jax.tree.map(np.asarray, (params, state))
-            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
-                if a.tobytes() != b.tobytes():
-                    failures.append(f"{label}: {jax.tree_util.keystr(path)} differs from the single-device step")
+            failures += run_and_compare(label, step, put, grads_host, params, state, shardings, expected)
             print(f"{label}: {aliased}/{donated} buffers aliased, collectives: {found or 'none'}")
 
     mesh, specs = layouts(devices)["FSDP (1-D mesh)"]

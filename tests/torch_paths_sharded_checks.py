@@ -16,7 +16,7 @@ import torch
 from jax.sharding import NamedSharding
 
 import jax_impl
-from sharded_checks import COLLECTIVES, SHAPES, layouts
+from sharded_checks import COLLECTIVES, SHAPES, layouts, run_and_compare
 
 STEPS = 5
 
@@ -58,15 +58,7 @@ def main() -> int:
             found = [c for c in COLLECTIVES if c in text]
             if found:
                 failures.append(f"{label}: the compiled step communicates: {found}")
-            for grads in grads_host:
-                params, state = step(put(grads), params, state)
-            for leaf, x in params.items():
-                if not x.sharding.is_equivalent_to(shardings[leaf], x.ndim):
-                    failures.append(f"{label}: params[{leaf}] came back as {x.sharding}")
-            got = jax.tree.map(np.asarray, (params, state))
-            for (where, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected)):
-                if a.tobytes() != b.tobytes():
-                    failures.append(f"{label}: {jax.tree_util.keystr(where)} differs from the single-device step")
+            failures += run_and_compare(label, step, put, grads_host, params, state, shardings, expected)
             print(f"{label}: collectives: {found or 'none'}")
     for failure in failures:
         print("FAIL:", failure)
