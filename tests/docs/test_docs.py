@@ -330,10 +330,11 @@ def _run_shell(block: Block, page: Page, shim: Path, script: str | None = None, 
     return proc
 
 
-def _ensure_earlier_python(block: Block, page: Page) -> None:
-    """Run the page's earlier python blocks that have not run (one block selected alone with -k)."""
+def _ensure_earlier_python(block: Block, page: Page, *, files_only: bool = False) -> None:
+    """Run the page's earlier python blocks that have not run (one block selected alone with -k or -m slow,
+    or its page's other blocks in another worker); ``files_only``: only those that write a file."""
     for earlier in blocks_of(block.path)[:block.index]:
-        if earlier.lang not in PYTHON:
+        if earlier.lang not in PYTHON or (files_only and "file" not in earlier.directives):
             continue
         if earlier.index not in page.done:
             try:
@@ -364,12 +365,7 @@ def test_block(block: Block, pages, shim_bin):
         page.done[block.index] = None
         return
     if block.lang in SHELL:
-        # The page's files (``file`` blocks) a command may use, also when those blocks were deselected
-        # (`-m slow`) or ran in another worker.
-        for earlier in blocks_of(block.path)[:block.index]:
-            if earlier.lang in PYTHON and "file" in earlier.directives and earlier.index not in page.done:
-                _run_python(earlier, page)
-                page.done[earlier.index] = None
+        _ensure_earlier_python(block, page, files_only=True)   # the page's files a command may use
         _run_shell(block, page, shim_bin)
         return
     pytest.fail(f"{block.id}: fence language {block.lang!r} is not one of "
