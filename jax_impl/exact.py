@@ -237,9 +237,12 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
     exp_avg, exp_avg_sq = jax.tree.leaves(new.exp_avg), jax.tree.leaves(new.exp_avg_sq)
     maxes = jax.tree.leaves(new.max_exp_avg_sq) if options["amsgrad"] else [None] * len(owned)
     scalars_by_dtype: dict = {}
+    torch_path = options.get("torch_path", "fused")
+    # The for-loop and foreach paths store every moment in the param dtype: p_new follows from them.
+    param_from_moments = _cpu_rounding.new_param if torch_path == "fused" else functools.partial(
+        _cpu_rounding.loop_new_param, torch_path=torch_path)
     for j, i in enumerate(owned):
         p, u = param_leaves[i], update_leaves[i]
-        torch_path = options.get("torch_path", "fused")
         if jnp.dtype(p.dtype).itemsize < 4 and torch_path == "fused":
             # The kernel's float32 moments were rounded when stored; its float32 update is exact instead.
             new_leaves[i] = (p.astype(jnp.float32) + u).astype(p.dtype)
@@ -254,9 +257,6 @@ def _write_adamw_leaves(options, old: AdamWState, new: AdamWState, owned, param_
         complex_leaf = jnp.issubdtype(p.dtype, jnp.complexfloating)
         # A complex param is torch's view_as_real: its real and imaginary parts are params of their own.
         real = _real_view if complex_leaf else (lambda x: x)  # noqa: E731
-        # The for-loop and foreach paths store every moment in the param dtype: p_new follows from them.
-        param_from_moments = _cpu_rounding.new_param if torch_path == "fused" else functools.partial(
-            _cpu_rounding.loop_new_param, torch_path=torch_path)
         stepped = param_from_moments(real(p), real(exp_avg[j]), real(exp_avg_sq[j]),
                                      None if maxes[j] is None else real(maxes[j]), scalars_by_dtype[opmath],
                                      eps=options["eps"], decay=decay, decay_rounding=options["decay_rounding"],
